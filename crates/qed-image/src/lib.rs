@@ -1,0 +1,60 @@
+//! The QED (QEMU Enhanced Disk) image engine.
+//!
+//! [`Image`] is `Send + Sync` and every I/O method takes `&self`, so many threads can share
+//! one open image. Allocating writes to different clusters run in parallel; metadata is kept
+//! in memory and written back at [`Image::flush`] (and after an idle period, and at close)
+//! in an order that never lets a table point at data that is not durable.
+//!
+//! ```no_run
+//! use qed_image::{CreateParams, Image, OpenOptions};
+//! # fn main() -> qed_image::Result<()> {
+//! let path = std::path::Path::new("disk.qed");
+//! Image::create(path, &CreateParams {
+//!     image_size: 1 << 30,
+//!     cluster_size: 65536,
+//!     table_size: 4,
+//!     backing_file: None,
+//!     backing_raw: false,
+//! })?;
+//! let image = Image::open(path, &OpenOptions::read_write())?;
+//! image.write_at(b"hello", 4096)?;
+//! image.flush()?;
+//! image.close()?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod backing;
+mod cache;
+mod error;
+mod extent;
+mod image;
+mod io;
+mod need_check;
+pub mod storage;
+mod table;
+mod writeback;
+
+pub use backing::{BackingFormat, BackingLayer, BackingPolicy};
+pub use cache::CacheStats;
+pub use error::{Error, Result, TableKind};
+pub use extent::{ChainExtent, ChainKind, Extent, ExtentKind, Extents};
+pub use image::{
+    has_qed_magic, probe_format, resolve_backing_path, Image, ImageInfo, OpenOptions,
+    MAX_CHAIN_DEPTH,
+};
+pub use qed_format::{self as format, CreateParams, Geometry, Header};
+pub use storage::{CacheMode, Storage};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn image_is_send_and_sync() {
+        assert_send_sync::<Image>();
+        assert_send_sync::<Error>();
+    }
+}
