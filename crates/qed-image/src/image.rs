@@ -219,6 +219,19 @@ impl Image {
     }
 
     fn open_chain(path: &Path, options: &OpenOptions, chain: &mut Vec<PathBuf>) -> Result<Self> {
+        // Loops are found before opening, so a loop never trips over our own lock.
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if chain.contains(&canonical) {
+            return Err(Error::Chain(format!(
+                "backing chain loops back to {}",
+                canonical.display()
+            )));
+        }
+        if chain.len() > MAX_CHAIN_DEPTH {
+            return Err(Error::Chain(format!(
+                "backing chain deeper than {MAX_CHAIN_DEPTH}"
+            )));
+        }
         let lock = match (options.force_share, options.writable) {
             (true, _) => LockMode::None,
             (false, true) => LockMode::Write,
@@ -234,18 +247,6 @@ impl Image {
             },
         )
         .map_err(Error::io("open", 0))?;
-        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        if chain.contains(&canonical) {
-            return Err(Error::Chain(format!(
-                "backing chain loops back to {}",
-                canonical.display()
-            )));
-        }
-        if chain.len() > MAX_CHAIN_DEPTH {
-            return Err(Error::Chain(format!(
-                "backing chain deeper than {MAX_CHAIN_DEPTH}"
-            )));
-        }
         chain.push(canonical);
         let label = path.display().to_string();
         let image_path = path.to_path_buf();

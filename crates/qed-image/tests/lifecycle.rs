@@ -1,0 +1,210 @@
+//! Open-time limits, backing-chain resolution and the NEED_CHECK lifecycle.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qed_image::format::{Header, FEATURE_NEED_CHECK};
+use qed_image::{BackingPolicy, CreateParams, Error, Image, OpenOptions};
+
+fn params(size: u64, cs: u32, backing: Option<&str>, raw: bool) -> CreateParams {
+    CreateParams {
+        image_size: size,
+        cluster_size: cs,
+        table_size: 4,
+        backing_file: backing.map(str::to_owned),
+        backing_raw: raw,
+    }
+}
+
+fn header_of(path: &Path) -> Header {
+    let bytes = std::fs::read(path).unwrap();
+    Header::decode(&bytes).unwrap()
+}
+
+#[test]
+fn huge_l1_table_is_refused_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.qed");
+    let cs: u32 = 64 << 20;
+    let header = Header {
+        cluster_size: cs,
+        table_size: 16,
+        header_size: 1,
+        features: 0,
+        compat_features: 0,
+        autoclear_features: 0,
+        l1_table_offset: u64::from(cs),
+        image_size: 1 << 40,
+        backing_filename_offset: 0,
+        backing_filename_size: 0,
+    };
+    let file = std::fs::File::create(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0).unwrap();
+    // Sparse: 17 clusters of 64 MiB, so the 1 GiB L1 table fits in the file.
+    file.set_len(17 * u64::from(cs)).unwrap();
+    drop(file);
+    match Image::open(&path, &OpenOptions::read_only()) {
+        Err(Error::TooLarge { what, bytes, .. }) => {
+            assert_eq!(what, "L1 table");
+            assert_eq!(bytes, 1 << 30);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn relative_backing_names_resolve_against_the_image_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("base.raw"), vec![0x5a; 8192]).unwrap();
+    let top = sub.join("top.qed");
+    Image::create(&top, &params(16384, 4096, Some("base.raw"), true)).unwrap();
+    // Open from another working directory: the name is relative to sub/, not the CWD.
+    let img = Image::open(&top, &OpenOptions::read_only()).unwrap();
+    let mut buf = vec![0u8; 16384];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..8192].iter().all(|&b| b == 0x5a));
+    assert!(
+        buf[8192..].iter().all(|&b| b == 0),
+        "past the backing end reads zeros"
+    );
+    assert_eq!(img.info().backing_path.unwrap(), sub.join("base.raw"));
+}
+
+#[test]
+fn backing_policy_deny_and_ignore() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.raw"), vec![0x5a; 4096]).unwrap();
+    let top = dir.path().join("top.qed");
+    Image::create(&top, &params(4096, 4096, Some("base.raw"), true)).unwrap();
+    let deny = OpenOptions {
+        backing: BackingPolicy::Deny,
+        ..OpenOptions::read_only()
+    };
+    assert!(matches!(
+        Image::open(&top, &deny),
+        Err(Error::Unsupported(_))
+    ));
+    let ignore = OpenOptions {
+        backing: BackingPolicy::Ignore,
+        ..OpenOptions::read_only()
+    };
+    let img = Image::open(&top, &ignore).unwrap();
+    let mut buf = vec![1u8; 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn backing_loops_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qed");
+    let b = dir.path().join("b.qed");
+    Image::create(&a, &params(65536, 4096, Some("b.qed"), false)).unwrap();
+    Image::create(&b, &params(65536, 4096, Some("a.qed"), false)).unwrap();
+    let err = Image::open(&a, &OpenOptions::read_only()).unwrap_err();
+    assert!(matches!(err, Error::Chain(_)), "{err}");
+    // An image naming itself.
+    let c = dir.path().join("c.qed");
+    Image::create(&c, &params(65536, 4096, Some("c.qed"), false)).unwrap();
+    let err = Image::open(&c, &OpenOptions::read_write()).unwrap_err();
+    assert!(matches!(err, Error::Chain(_)), "{err}");
+}
+
+#[test]
+fn deep_chains_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let depth = qed_image::MAX_CHAIN_DEPTH + 3;
+    Image::create(
+        &dir.path().join("l0.qed"),
+        &params(65536, 4096, None, false),
+    )
+    .unwrap();
+    for i in 1..depth {
+        let name = format!("l{}.qed", i - 1);
+        Image::create(
+            &dir.path().join(format!("l{i}.qed")),
+            &params(65536, 4096, Some(&name), false),
+        )
+        .unwrap();
+    }
+    let top = dir.path().join(format!("l{}.qed", depth - 1));
+    let err = Image::open(&top, &OpenOptions::read_only()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("deeper than"), "{text}");
+}
+
+#[test]
+fn need_check_is_set_before_tables_change_and_cleared_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.qed");
+    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    let options = OpenOptions {
+        clean_after: Duration::from_millis(100),
+        ..OpenOptions::read_write()
+    };
+    let img = Image::open(&path, &options).unwrap();
+    img.write_at(&[7; 8192], 0).unwrap();
+    img.flush().unwrap();
+    // The tables on disk changed, so the header must say so (truthfully, unlike QEMU's info).
+    assert_ne!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
+    assert!(img.info().dirty);
+    // After a quiet period the idle timer writes back and clears the flag (real clock).
+    let mut cleared = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(50));
+        if header_of(&path).features & FEATURE_NEED_CHECK == 0 {
+            cleared = true;
+            break;
+        }
+    }
+    assert!(cleared, "idle timer did not clear NEED_CHECK");
+    assert!(!img.info().dirty);
+    // A new allocation starts a new dirty period; close ends it.
+    img.write_at(&[8; 4096], 65536).unwrap();
+    img.flush().unwrap();
+    assert_ne!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
+    img.close().unwrap();
+    assert_eq!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 65536).unwrap();
+    assert!(buf.iter().all(|&b| b == 8));
+}
+
+#[test]
+fn dirty_image_opens_read_only_and_refuses_writable_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dirty.qed");
+    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    let mut header = header_of(&path);
+    header.features |= FEATURE_NEED_CHECK;
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0).unwrap();
+    drop(file);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    assert!(img.info().dirty);
+    drop(img);
+    // Read-only use must not touch the flag.
+    assert_ne!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
+    let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
+    assert!(matches!(err, Error::NeedsCheck { .. }));
+    assert!(err.to_string().contains("check -r all"), "{err}");
+}
+
+#[test]
+fn read_only_images_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro.qed");
+    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    assert!(matches!(img.write_at(&[1], 0), Err(Error::ReadOnly)));
+    assert!(matches!(img.write_zeroes_at(0, 4096), Err(Error::ReadOnly)));
+    assert!(matches!(img.discard(0, 4096), Err(Error::ReadOnly)));
+    let mut buf = [0u8; 1];
+    assert!(matches!(
+        img.read_at(&mut buf, 1 << 20),
+        Err(Error::OutOfRange { .. })
+    ));
+}
