@@ -5,7 +5,6 @@
 //! changes a table that the cache has forgotten.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::table::L2Table;
@@ -31,6 +30,17 @@ struct Shard {
     bytes: usize,
     /// Bumped at every eviction, so a load that raced with one can tell.
     evictions: u64,
+    /// LRU clock and counters live under the shard lock: no shared cache line per lookup.
+    clock: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl Shard {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
 }
 
 /// The L2 table cache.
@@ -39,10 +49,6 @@ pub(crate) struct L2Cache {
     shards: Box<[Mutex<Shard>]>,
     shard_budget: usize,
     table_shift: u32,
-    clock: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    evictions: AtomicU64,
 }
 
 /// What a lookup found.
@@ -58,10 +64,6 @@ impl L2Cache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             shard_budget: budget_bytes / SHARDS,
             table_shift: table_bytes.trailing_zeros(),
-            clock: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
         }
     }
 
@@ -69,19 +71,16 @@ impl L2Cache {
         &self.shards[((offset >> self.table_shift) as usize) % SHARDS]
     }
 
-    fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
-    }
-
     pub(crate) fn lookup(&self, offset: u64) -> Lookup {
         let mut shard = self.shard(offset).lock().unwrap_or_else(|e| e.into_inner());
-        let now = self.tick();
+        let now = shard.tick();
         if let Some((table, used)) = shard.tables.get_mut(&offset) {
             *used = now;
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Hit(table.clone());
+            let table = table.clone();
+            shard.hits += 1;
+            return Lookup::Hit(table);
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        shard.misses += 1;
         Lookup::Miss(shard.evictions)
     }
 
@@ -115,9 +114,8 @@ impl L2Cache {
         let bytes = table.memory_bytes();
         let table = Arc::new(table);
         shard.bytes += bytes;
-        shard
-            .tables
-            .insert(table.offset, (table.clone(), self.tick()));
+        let now = shard.tick();
+        shard.tables.insert(table.offset, (table.clone(), now));
         self.evict(shard, &table);
         table
     }
@@ -137,7 +135,6 @@ impl L2Cache {
             if let Some((t, _)) = shard.tables.remove(&off) {
                 shard.bytes -= t.memory_bytes();
                 shard.evictions += 1;
-                self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -186,15 +183,87 @@ impl L2Cache {
     }
 
     pub(crate) fn stats(&self) -> CacheStats {
-        CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            evictions: self.evictions.load(Ordering::Relaxed),
-            bytes: self
-                .shards
-                .iter()
-                .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).bytes as u64)
-                .sum(),
+        let mut stats = CacheStats::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            stats.hits += shard.hits;
+            stats.misses += shard.misses;
+            stats.evictions += shard.evictions;
+            stats.bytes += shard.bytes as u64;
         }
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::Entries;
+
+    const TABLE: u64 = 4096 * 4;
+
+    fn clean(offset: u64) -> L2Table {
+        L2Table::new(offset, Entries::from_le_bytes(&vec![0u8; TABLE as usize]))
+    }
+
+    #[test]
+    fn counts_hits_and_misses_and_stays_within_budget() {
+        // Budget of two tables per shard.
+        let cache = L2Cache::new(SHARDS * 2 * TABLE as usize, TABLE);
+        let stride = TABLE * SHARDS as u64; // same shard every time
+        for i in 0..5 {
+            let off = i * stride;
+            let Lookup::Miss(token) = cache.lookup(off) else {
+                panic!("unexpected hit")
+            };
+            assert!(cache.insert(clean(off), token).is_some());
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.misses, 5);
+        assert_eq!(stats.evictions, 3);
+        assert_eq!(stats.bytes, 2 * TABLE);
+        // The two most recent survive; the oldest were evicted.
+        assert!(matches!(cache.lookup(4 * stride), Lookup::Hit(_)));
+        assert!(matches!(cache.lookup(0), Lookup::Miss(_)));
+        assert_eq!(cache.stats().hits, 1);
+    }
+
+    #[test]
+    fn dirty_and_referenced_tables_are_never_evicted() {
+        let cache = L2Cache::new(SHARDS * TABLE as usize, TABLE);
+        let stride = TABLE * SHARDS as u64;
+        let dirty = cache.insert_new(L2Table::new(0, Entries::new_unwritten(TABLE as usize / 8)));
+        let Lookup::Miss(token) = cache.lookup(stride) else {
+            panic!()
+        };
+        let held = cache.insert(clean(stride), token).unwrap();
+        let Lookup::Miss(token) = cache.lookup(2 * stride) else {
+            panic!()
+        };
+        cache.insert(clean(2 * stride), token).unwrap();
+        // Over budget, but the dirty table and the one still held stay.
+        assert!(matches!(cache.lookup(0), Lookup::Hit(_)));
+        assert!(matches!(cache.lookup(stride), Lookup::Hit(_)));
+        drop(held);
+        assert!(dirty.entries.take_dirty().is_some());
+        drop(dirty);
+        cache.shrink();
+        assert_eq!(cache.stats().bytes, TABLE);
+    }
+
+    #[test]
+    fn a_load_that_raced_with_an_eviction_is_retried() {
+        let cache = L2Cache::new(SHARDS * TABLE as usize, TABLE);
+        let stride = TABLE * SHARDS as u64;
+        let Lookup::Miss(stale) = cache.lookup(0) else {
+            panic!()
+        };
+        for i in 1..3 {
+            let Lookup::Miss(token) = cache.lookup(i * stride) else {
+                panic!()
+            };
+            cache.insert(clean(i * stride), token).unwrap();
+        }
+        assert!(cache.insert(clean(0), stale).is_none());
     }
 }
