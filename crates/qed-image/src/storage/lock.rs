@@ -89,7 +89,7 @@ impl LockMode {
 /// OFD locks belong to the open file description, not to this value: they are released when
 /// the last descriptor of the [`File`] they were taken on is closed (dropping a
 /// [`FileStorage`](super::FileStorage) does that). This value records what is held.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct QemuLock {
     mode: LockMode,
     perm: u8,
