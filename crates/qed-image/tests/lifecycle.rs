@@ -208,3 +208,20 @@ fn read_only_images_refuse_writes() {
         Err(Error::OutOfRange { .. })
     ));
 }
+
+#[test]
+fn create_does_not_truncate_an_image_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.qed");
+    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    let img = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    img.write_at(&[3; 4096], 0).unwrap();
+    img.flush().unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let err = Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap_err();
+    assert!(err.to_string().contains("lock"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 3));
+}

@@ -104,7 +104,8 @@ impl FileStorage {
             .read(true)
             .write(writable)
             .create(options.create)
-            .truncate(options.create);
+            // Truncated only once the lock is held: never cut an image another process uses.
+            .truncate(false);
         let direct = options.cache == CacheMode::None;
         if direct {
             open_options.custom_flags(libc::O_DIRECT);
@@ -118,6 +119,9 @@ impl FileStorage {
         })?;
         let lock = QemuLock::acquire(&file, options.lock)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        if options.create {
+            file.set_len(0)?;
+        }
         let direct = if direct {
             let buffered = if writable {
                 // Opened after locking: a second open file description holds no lock bytes
