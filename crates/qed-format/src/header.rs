@@ -375,7 +375,7 @@ mod tests {
         assert!(h.validate(5 * (4 << 20)).is_ok());
         // A huge size with all bits set cannot wrap either.
         let h = Header {
-            image_size: u64::MAX & !511,
+            image_size: !511u64,
             ..default_header()
         };
         assert!(matches!(
@@ -412,7 +412,7 @@ mod tests {
         for (off, len) in [
             (65536 + 1, LEN),
             (0, LEN),
-            (u64::MAX & !0xffff, LEN),
+            (!0xffffu64, LEN),
             (65536, LEN - 1),
             (65536, 512),
         ] {
@@ -488,7 +488,7 @@ mod tests {
         assert!(!v.is_valid_data_offset(usable, 10 * 65536));
         assert!(!v.is_valid_data_offset(usable, 0));
         assert!(!v.is_valid_data_offset(usable, 5 * 65536 + 512));
-        assert!(!v.is_valid_data_offset(usable, u64::MAX & !0xffff));
+        assert!(!v.is_valid_data_offset(usable, !0xffffu64));
         assert!(v.check_l2_offset(usable, 6 * 65536).is_ok());
         assert!(v.check_l2_offset(usable, 7 * 65536).is_err());
     }
