@@ -175,7 +175,10 @@ impl Inner {
         let mut index = self.geometry.l2_index(pos);
         while run_end < end {
             index += 1;
-            let next = self.slot(table, index)?;
+            // An invalid entry ends the run; the error is reported when the caller reaches it.
+            let Ok(next) = self.slot(table, index) else {
+                break;
+            };
             let same = match (first, next) {
                 (Slot::Data(a), Slot::Data(b)) => {
                     b == a + (run_end - self.geometry.align_down(pos))
