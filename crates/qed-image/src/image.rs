@@ -106,7 +106,7 @@ pub(crate) struct Inner {
     /// End of the allocated area: new clusters are handed out here (bump allocation).
     pub(crate) next_free: AtomicU64,
     /// File length at open: clusters at or past it were never written and read as zeros.
-    pub(crate) fresh_from: u64,
+    pub(crate) fresh_from: AtomicU64,
     /// Serializes creation of L2 tables (rare: one per L1 entry).
     pub(crate) table_creation: Mutex<()>,
     /// Held for the instant of a bump allocation, and by write-back while it extends the
@@ -403,7 +403,7 @@ impl Image {
             cache: L2Cache::new(cache_budget, geometry.table_bytes()),
             cache_budget,
             next_free: AtomicU64::new(geometry.align_down(file_len)),
-            fresh_from: file_len,
+            fresh_from: AtomicU64::new(file_len),
             table_creation: Mutex::new(()),
             file_growth: Mutex::new(()),
             writeback: Mutex::new(()),

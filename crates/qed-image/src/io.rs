@@ -364,7 +364,7 @@ impl Inner {
             Some(b) if old_entry == 0 && guest < b.size() => Some(b),
             _ => None,
         };
-        if backing.is_none() && host >= self.fresh_from {
+        if backing.is_none() && host >= self.fresh_from.load(Ordering::Acquire) {
             // Never-written space past the original end of the file already reads as zeros.
             return Ok(());
         }
@@ -454,14 +454,23 @@ impl Inner {
         };
         let mut p = g.align_up(offset);
         let cs = g.cluster_size();
+        // Unallocated clusters over backing data must become zero clusters as well.
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
         while p < end {
             let n = self.table_chunk(p, end - p);
-            if let Some(table) = self.l2_table(g.l1_index(p))? {
+            let table = if p < backing_end {
+                Some(self.l2_table_for_write(g.l1_index(p))?)
+            } else {
+                self.l2_table(g.l1_index(p))?
+            };
+            if let Some(table) = table {
                 let mut q = p;
                 while q < p + n {
                     let index = g.l2_index(q);
-                    if let Slot::Data(_) = self.slot(&table, index)? {
-                        self.discard_cluster(&table, index)?;
+                    match self.slot(&table, index)? {
+                        Slot::Data(_) => self.discard_cluster(&table, index)?,
+                        Slot::Unallocated if q < backing_end => self.hide_backing(&table, index),
+                        _ => {}
                     }
                     q += cs;
                 }
@@ -469,6 +478,18 @@ impl Inner {
             p += n;
         }
         Ok(())
+    }
+
+    /// Turns the unallocated entry at `index` into a zero cluster, so backing data no longer
+    /// shows through.
+    fn hide_backing(&self, table: &L2Table, index: usize) {
+        let claim = table.claim(index..index + 1, |entries| {
+            (entries.get(index) == 0).then_some((index..index + 1, ()))
+        });
+        if let Some((range, ())) = claim {
+            table.settle(range, Some(&|_| ZERO_CLUSTER_ENTRY));
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     fn discard_cluster(&self, table: &L2Table, index: usize) -> Result<()> {

@@ -26,6 +26,7 @@
 
 mod backing;
 mod cache;
+mod check;
 mod error;
 mod extent;
 mod image;
@@ -37,6 +38,7 @@ mod writeback;
 
 pub use backing::{BackingFormat, BackingLayer, BackingPolicy};
 pub use cache::CacheStats;
+pub use check::{CheckReport, Repair, MAX_FINDINGS};
 pub use error::{Error, Result, TableKind};
 pub use extent::{ChainExtent, ChainKind, Extent, ExtentKind, Extents};
 pub use image::{
