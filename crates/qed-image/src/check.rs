@@ -306,39 +306,36 @@ impl Inner {
     fn reclaim(&self, scan: &Scan, leaked: &[u64]) -> Result<u64> {
         let cs = self.geometry.cluster_size();
         let mut owners = scan.owners.clone();
-        let mut holes = leaked.iter().copied();
+        let holes = leaked.iter().copied();
         let mut last = owners.len();
         // Move data from the highest clusters into the lowest holes.
-        'outer: for hole in holes.by_ref() {
-            loop {
-                while last > 0 && owners[last - 1] == Owner::Free {
-                    last -= 1;
-                }
-                if last == 0 || (last as u64 - 1) <= hole {
-                    break 'outer;
-                }
-                let source = last - 1;
-                let Owner::Data(l1_index, index) = owners[source] else {
-                    // Metadata at the end of the file stays where it is.
-                    break 'outer;
-                };
-                let Some(table) = scan.tables.get(&l1_index) else {
-                    break 'outer;
-                };
-                let from = source as u64 * cs;
-                let to = hole * cs;
-                let mut buf = vec![0u8; cs as usize];
-                self.storage
-                    .read_at(&mut buf, from)
-                    .map_err(Error::io("read", from))?;
-                self.storage
-                    .write_at(&buf, to)
-                    .map_err(Error::io("write", to))?;
-                table.entries.set(index, to);
-                owners[hole as usize] = owners[source];
-                owners[source] = Owner::Free;
-                continue 'outer;
+        for hole in holes {
+            while last > 0 && owners[last - 1] == Owner::Free {
+                last -= 1;
             }
+            if last == 0 || (last as u64 - 1) <= hole {
+                break;
+            }
+            let source = last - 1;
+            let Owner::Data(l1_index, index) = owners[source] else {
+                // Metadata at the end of the file stays where it is.
+                break;
+            };
+            let Some(table) = scan.tables.get(&l1_index) else {
+                break;
+            };
+            let from = source as u64 * cs;
+            let to = hole * cs;
+            let mut buf = vec![0u8; cs as usize];
+            self.storage
+                .read_at(&mut buf, from)
+                .map_err(Error::io("read", from))?;
+            self.storage
+                .write_at(&buf, to)
+                .map_err(Error::io("write", to))?;
+            table.entries.set(index, to);
+            owners[hole as usize] = owners[source];
+            owners[source] = Owner::Free;
         }
         // Tables reach the new locations before the file is cut (write-back flushes the
         // copies first).
