@@ -60,14 +60,6 @@ pub enum Error {
         /// Why it is invalid.
         reason: &'static str,
     },
-    /// The image needs a consistency check before it may be written.
-    #[error(
-        "image {path} was not closed cleanly (NEED_CHECK is set); repair it with `qemu-img check -r all {path}` or open it read-only"
-    )]
-    NeedsCheck {
-        /// The image.
-        path: String,
-    },
     /// The image demands more memory than allowed.
     #[error("{what} of {bytes} bytes exceeds the limit of {limit} bytes")]
     TooLarge {

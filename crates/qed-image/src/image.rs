@@ -12,6 +12,7 @@ use qed_format::{
 
 use crate::backing::{BackingFormat, BackingLayer, BackingPolicy};
 use crate::cache::{CacheStats, L2Cache};
+use crate::check::{CheckReport, Repair};
 use crate::need_check::IdleTimer;
 use crate::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage};
 use crate::table::Entries;
@@ -131,6 +132,7 @@ pub struct Image {
     pub(crate) inner: Arc<Inner>,
     timer: Option<IdleTimer>,
     closed: bool,
+    open_repair: Option<CheckReport>,
 }
 
 impl std::fmt::Debug for Image {
@@ -368,9 +370,6 @@ impl Image {
             }
             None => None,
         };
-        if options.writable && header.needs_check() {
-            return Err(Error::NeedsCheck { path: label });
-        }
         if options.writable && header.autoclear_features != 0 {
             // Unknown autoclear bits: a writer that does not understand them must clear them.
             header.autoclear_features = 0;
@@ -418,11 +417,24 @@ impl Image {
         let timer = options
             .writable
             .then(|| IdleTimer::start(Arc::downgrade(&inner), options.clean_after));
-        Ok(Self {
+        let mut image = Self {
             inner,
             timer,
             closed: false,
-        })
+            open_repair: None,
+        };
+        if options.writable && header.needs_check() {
+            // Not closed cleanly: check and repair before anything is written.
+            match image.inner.check(Repair::All) {
+                Ok(report) => image.open_repair = Some(report),
+                Err(e) => {
+                    // Leave the file as it is (NEED_CHECK stays set) for a later repair.
+                    image.inner.poisoned.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(image)
     }
 
     /// Virtual disk size in bytes.
@@ -453,6 +465,11 @@ impl Image {
     /// The backing layer, if one is open.
     pub fn backing(&self) -> Option<&BackingLayer> {
         self.inner.backing.as_ref()
+    }
+
+    /// What the check at open found and repaired, when a writable open met NEED_CHECK.
+    pub fn open_repair(&self) -> Option<&CheckReport> {
+        self.open_repair.as_ref()
     }
 
     /// Counters of the L2 cache.

@@ -888,12 +888,22 @@ fn dirty_needcheck_reads_but_refuses_writers() {
         before,
         "read-only open changed the file"
     );
-    // Until check/repair exists, a writer refuses a dirty image.
-    match Image::open(&path, &OpenOptions::read_write()) {
-        Err(Error::NeedsCheck { .. }) => {}
-        other => panic!("expected NeedsCheck, got {other:?}"),
+    // A writer checks and repairs the dirty image first: nothing to fix but the flag, so
+    // the file ends up byte-identical to QEMU's repair of the same fixture.
+    {
+        let image = rw(&path);
+        let report = image.open_repair().expect("dirty image checked at open");
+        assert!(report.is_clean(), "{report:?}");
+        assert!(!image.info().dirty);
+        assert_eq!(
+            image_sha256(&image),
+            "c6dc0a8e3d9f0d41f24f579351684647b4f4c8ba43f014c4d8e180c44cea3ce8"
+        );
     }
-    assert_eq!(file_sha256(&path), before, "refused open changed the file");
+    assert_eq!(
+        file_sha256(&path),
+        "064222bf70302f7833875e0ce5e34b8dc2c72ae77973288064534883393f4724"
+    );
 }
 
 #[test]
@@ -921,10 +931,22 @@ fn dirty_invalid_l2_reads_other_clusters() {
             "5c73c277aeaf438664c4f15264283a45f6284790e96a61e1351cc63b23cd7578"
         );
     }
-    match Image::open(&path, &OpenOptions::read_write()) {
-        Err(Error::NeedsCheck { .. }) => {}
-        other => panic!("expected NeedsCheck, got {other:?}"),
+    // A writer repairs it at open: L2[5] cleared, flag cleared, file identical to QEMU's.
+    {
+        let image = rw(&path);
+        let report = image.open_repair().expect("dirty image checked at open");
+        assert_eq!(report.corruptions_fixed, 1, "{report:?}");
+        assert_eq!(report.corruptions, 0);
+        assert!(!image.info().dirty);
+        assert_eq!(
+            image_sha256(&image),
+            "5c73c277aeaf438664c4f15264283a45f6284790e96a61e1351cc63b23cd7578"
+        );
     }
+    assert_eq!(
+        file_sha256(&path),
+        "68513279d117cbc76c3fc025cf0f9c25a20fe738ff22440eb31a75562dcef00d"
+    );
 }
 
 #[test]

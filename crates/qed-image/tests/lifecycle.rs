@@ -174,7 +174,7 @@ fn need_check_is_set_before_tables_change_and_cleared_when_idle() {
 }
 
 #[test]
-fn dirty_image_opens_read_only_and_refuses_writable_open() {
+fn dirty_image_opens_read_only_and_is_repaired_by_a_writable_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dirty.qed");
     Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
@@ -188,9 +188,12 @@ fn dirty_image_opens_read_only_and_refuses_writable_open() {
     drop(img);
     // Read-only use must not touch the flag.
     assert_ne!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
-    let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
-    assert!(matches!(err, Error::NeedsCheck { .. }));
-    assert!(err.to_string().contains("check -r all"), "{err}");
+    let img = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let report = img.open_repair().expect("a dirty image is checked at open");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(!img.info().dirty);
+    drop(img);
+    assert_eq!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
 }
 
 #[test]
