@@ -82,6 +82,21 @@ enum Owner {
     Data(usize, usize),
 }
 
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        inner.allocations_in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.allocations_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Scan {
     owners: Vec<Owner>,
     /// Tables scanned, by L1 index.
@@ -102,6 +117,19 @@ impl Image {
 
 impl Inner {
     pub(crate) fn check(&self, repair: Repair) -> Result<CheckReport> {
+        // Counted as an allocation in flight: the idle timer must not clear NEED_CHECK while
+        // a repair is half done.
+        let busy = InFlight::enter(self);
+        let mut report = self.check_inner(repair)?;
+        drop(busy);
+        if repair != Repair::None && report.corruptions == 0 && report.check_errors == 0 {
+            self.mark_clean()?;
+        }
+        report.image_end_offset = self.storage.len().map_err(Error::io("length", 0))?;
+        Ok(report)
+    }
+
+    fn check_inner(&self, repair: Repair) -> Result<CheckReport> {
         self.write_back()?;
         let mut report = CheckReport::default();
         let cs = self.geometry.cluster_size();
@@ -130,10 +158,6 @@ impl Inner {
                 report.leaks = leaked.len() as u64;
             }
         }
-        if fix && report.corruptions == 0 && report.check_errors == 0 {
-            self.mark_clean()?;
-        }
-        report.image_end_offset = self.storage.len().map_err(Error::io("length", 0))?;
         Ok(report)
     }
 
