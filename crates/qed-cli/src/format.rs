@@ -1,0 +1,81 @@
+//! Image formats and the facts about image files every command needs.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use qed_image::{probe_format, BackingFormat};
+
+/// An image format the tool reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormat {
+    /// QEMU Enhanced Disk.
+    Qed,
+    /// A raw disk image: guest byte N is file byte N.
+    Raw,
+}
+
+impl ImageFormat {
+    /// The name QEMU uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qed => "qed",
+            Self::Raw => "raw",
+        }
+    }
+
+    /// Parses a format name as given in an option value (`backing_fmt=raw`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "qed" => Some(Self::Qed),
+            "raw" => Some(Self::Raw),
+            _ => None,
+        }
+    }
+
+    /// `given`, or what the file's first bytes say: QED if it starts with the QED magic.
+    pub fn resolve(path: &Path, given: Option<Self>) -> qed_image::Result<Self> {
+        match given {
+            Some(format) => Ok(format),
+            None => Ok(probe_format(path)?.into()),
+        }
+    }
+}
+
+impl From<BackingFormat> for ImageFormat {
+    fn from(format: BackingFormat) -> Self {
+        match format {
+            BackingFormat::Qed => Self::Qed,
+            BackingFormat::Raw => Self::Raw,
+        }
+    }
+}
+
+/// How a command prints its result (`--output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people, laid out as qemu-img lays it out.
+    #[default]
+    Human,
+    /// One JSON document on stdout, with qemu-img's field names and types.
+    Json,
+}
+
+/// Bytes the file occupies on disk (allocated blocks), as `qemu-img info` reports them.
+pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
+    Ok(fs::metadata(path)?.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for f in [ImageFormat::Qed, ImageFormat::Raw] {
+            assert_eq!(ImageFormat::from_name(f.name()), Some(f));
+        }
+        assert_eq!(ImageFormat::from_name("qcow2"), None);
+    }
+}
