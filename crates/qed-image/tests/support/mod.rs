@@ -561,6 +561,23 @@ pub fn open_shared<S: Storage + 'static>(
     Image::open_storage(Box::new(storage.clone()), options, backing).expect("open image")
 }
 
+/// Opens an image file. Retries while the image lock is busy: a child process that another
+/// test thread is spawning holds copies of our descriptors (and so our locks) until it execs.
+pub fn open_file(path: &Path, options: &OpenOptions) -> Image {
+    let mut tries = 0;
+    loop {
+        match Image::open(path, options) {
+            Err(qed_image::Error::Io { source, .. })
+                if source.kind() == io::ErrorKind::WouldBlock && tries < 100 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.expect("open image file"),
+        }
+    }
+}
+
 /// A backing layer that can be opened again at every reopen of the image above it.
 #[derive(Clone)]
 pub enum BackingSpec {
@@ -590,7 +607,8 @@ impl BackingSpec {
 #[track_caller]
 pub fn qemu_img_check(path: &Path) -> bool {
     let out = match std::process::Command::new("qemu-img")
-        .args(["check", "-f", "qed"])
+        // -U: another test thread's child may briefly hold a copy of a descriptor (and lock).
+        .args(["check", "-U", "-f", "qed"])
         .arg(path)
         .output()
     {
