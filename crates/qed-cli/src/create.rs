@@ -11,7 +11,7 @@ use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage}
 use qed_image::{resolve_backing_path, BackingPolicy, CreateParams, Geometry, Image, OpenOptions};
 
 use crate::error::{open_failure, os_text, CliError, CliResult};
-use crate::format::ImageFormat;
+use crate::format::{sector_rounded_len, ImageFormat};
 use crate::options::OptionList;
 use crate::size::{parse_size, parse_size_i64};
 
@@ -250,9 +250,11 @@ fn inspect_backing(
         );
     }
     let size = match format {
-        ImageFormat::Raw => std::fs::metadata(&path)
-            .map_err(|e| fail(os_text(&e)))?
-            .len(),
+        ImageFormat::Raw => sector_rounded_len(
+            std::fs::metadata(&path)
+                .map_err(|e| fail(os_text(&e)))?
+                .len(),
+        ),
         ImageFormat::Qed => {
             let options = OpenOptions {
                 backing: BackingPolicy::Ignore,

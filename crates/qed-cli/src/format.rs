@@ -67,6 +67,12 @@ pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
     Ok(fs::metadata(path)?.blocks() * 512)
 }
 
+/// The size QEMU gives a file: its length rounded up to whole 512-byte sectors (the block
+/// layer counts sectors; the partial tail reads as zeros).
+pub fn sector_rounded_len(len: u64) -> u64 {
+    len.div_ceil(512).saturating_mul(512)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +83,13 @@ mod tests {
             assert_eq!(ImageFormat::from_name(f.name()), Some(f));
         }
         assert_eq!(ImageFormat::from_name("qcow2"), None);
+    }
+
+    #[test]
+    fn sector_rounding() {
+        assert_eq!(sector_rounded_len(0), 0);
+        assert_eq!(sector_rounded_len(1000), 1024);
+        assert_eq!(sector_rounded_len(41_960), 41_984);
+        assert_eq!(sector_rounded_len(512), 512);
     }
 }

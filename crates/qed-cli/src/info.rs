@@ -19,7 +19,7 @@ use qed_image::{BackingLayer, BackingPolicy, Image, OpenOptions};
 use serde::Serialize;
 
 use crate::error::{open_failure, os_text, CliError, CliResult};
-use crate::format::{allocated_bytes, ImageFormat, OutputFormat};
+use crate::format::{allocated_bytes, sector_rounded_len, ImageFormat, OutputFormat};
 use crate::json::to_qemu_json;
 use crate::text::size_to_str;
 
@@ -228,7 +228,7 @@ fn file_node(name: &str, path: &Path) -> Result<(FileNode, u64), String> {
     let actual_size = allocated_bytes(path).map_err(|e| os_text(&e))?;
     let node = FileNode {
         children: Vec::new(),
-        virtual_size: metadata.len(),
+        virtual_size: sector_rounded_len(metadata.len()),
         filename: name.to_string(),
         format: "file",
         actual_size,

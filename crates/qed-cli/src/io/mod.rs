@@ -259,57 +259,63 @@ pub fn run(args: &IoArgs) -> CliResult<i32> {
     let writable = !(args.read_only || args.force_share);
     let target = Target::open(&args.file, args.format, writable, args.force_share)
         .map_err(|why| CliError::new(format!("can't open device {name}"), why))?;
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    let (mut out, mut err) = (stdout.lock(), stderr.lock());
-    let mut con = Console::new(&mut out, &mut err);
-    let mut failed = false;
-    let mut run_line = |con: &mut Console<'_>, line: &str| -> bool {
-        match run_command(&target, con, line) {
-            Outcome::Done => true,
-            Outcome::Failed => {
-                failed = true;
-                true
-            }
-            Outcome::Quit => false,
-        }
+    let failed = {
+        let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+        let (mut out, mut err) = (stdout.lock(), stderr.lock());
+        let mut con = Console::new(&mut out, &mut err);
+        let failed = if args.commands.is_empty() {
+            run_stdin(&target, &mut con)
+        } else {
+            run_all(&target, &mut con, args.commands.iter().map(String::as_str))
+        };
+        let _ = con.out.flush();
+        failed
     };
-    if args.commands.is_empty() {
-        let stdin = std::io::stdin();
-        let interactive = stdin.is_terminal();
-        loop {
-            if interactive {
-                con.out("qed io> ");
-                let _ = con.out.flush();
-            }
-            let mut line = String::new();
-            match stdin.lock().read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) => {
-                    if !run_line(&mut con, line.trim_end_matches(['\n', '\r'])) {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    con.err(&format!("qed: reading commands: {e}\n"));
-                    failed = true;
-                    break;
-                }
-            }
-        }
-    } else {
-        for line in &args.commands {
-            if !run_line(&mut con, line) {
-                break;
-            }
-        }
-    }
-    let _ = con.out.flush();
-    drop(con);
-    drop(out);
-    drop(err);
     if let Err(e) = target.close() {
         return Err(CliError::new(format!("closing {name}"), e));
     }
     Ok(i32::from(failed))
+}
+
+/// Runs command lines until the end or `quit`; returns whether any failed.
+fn run_all<'l>(
+    target: &Target,
+    con: &mut Console<'_>,
+    lines: impl IntoIterator<Item = &'l str>,
+) -> bool {
+    let mut failed = false;
+    for line in lines {
+        match run_command(target, con, line) {
+            Outcome::Done => {}
+            Outcome::Failed => failed = true,
+            Outcome::Quit => break,
+        }
+    }
+    failed
+}
+
+/// Reads command lines from stdin (with a prompt on a terminal); returns whether any failed.
+fn run_stdin(target: &Target, con: &mut Console<'_>) -> bool {
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    let mut failed = false;
+    loop {
+        if interactive {
+            con.out("qed io> ");
+            let _ = con.out.flush();
+        }
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) => return failed,
+            Ok(_) => match run_command(target, con, line.trim_end_matches(['\n', '\r'])) {
+                Outcome::Done => {}
+                Outcome::Failed => failed = true,
+                Outcome::Quit => return failed,
+            },
+            Err(e) => {
+                con.err(&format!("qed: reading commands: {e}\n"));
+                return true;
+            }
+        }
+    }
 }

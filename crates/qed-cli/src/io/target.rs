@@ -6,9 +6,10 @@ use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage}
 use qed_image::{BackingPolicy, Error, ExtentKind, Image, OpenOptions, Result};
 
 use crate::error::{open_failure, os_text};
-use crate::format::ImageFormat;
+use crate::format::{sector_rounded_len, ImageFormat};
 
-/// A raw disk image: guest byte N is file byte N, the size is the file length at open.
+/// A raw disk image: guest byte N is file byte N; the size is the file length at open rounded
+/// up to whole sectors, as QEMU sees it.
 #[derive(Debug)]
 pub struct RawFile {
     storage: FileStorage,
@@ -73,7 +74,7 @@ impl Target {
                     },
                 )
                 .map_err(|e| os_text(&e))?;
-                let size = storage.len().map_err(|e| os_text(&e))?;
+                let size = sector_rounded_len(storage.len().map_err(|e| os_text(&e))?);
                 Ok(Target::Raw(RawFile {
                     storage,
                     size,
