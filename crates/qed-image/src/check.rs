@@ -60,6 +60,11 @@ pub struct CheckReport {
 /// Most findings kept in a report (the counters are always exact).
 pub const MAX_FINDINGS: usize = 1000;
 
+/// The copies one repair makes (of shared L2 tables and doubly referenced clusters) may grow
+/// the file by its own length, or by this much if that is more. An image whose references
+/// all alias one cluster would otherwise make a repair write gigabytes.
+const MIN_REPAIR_GROWTH: u64 = 64 << 20;
+
 impl CheckReport {
     fn note(&mut self, finding: impl FnOnce() -> String) {
         if self.findings.len() < MAX_FINDINGS {
@@ -178,6 +183,7 @@ impl Inner {
                 *o = Owner::Metadata;
             }
         }
+        let copy_limit = end.saturating_add(end.max(MIN_REPAIR_GROWTH));
         let mut tables = HashMap::new();
         for l1_index in 0..self.l1.len() {
             let raw = self.l1.get(l1_index);
@@ -208,6 +214,7 @@ impl Inner {
                     report.corruptions += taken;
                     continue;
                 }
+                self.reserve_copy(g.table_bytes(), copy_limit)?;
                 match self.relocate_table(offset, l1_index) {
                     Ok(table) => {
                         report.corruptions_fixed += taken;
@@ -232,7 +239,7 @@ impl Inner {
                     }
                 }
             };
-            self.scan_table(&table, l1_index, &mut owners, report, fix)?;
+            self.scan_table(&table, l1_index, &mut owners, report, fix, copy_limit)?;
             tables.insert(l1_index, table);
         }
         Ok(Scan { owners, tables })
@@ -245,6 +252,7 @@ impl Inner {
         owners: &mut [Owner],
         report: &mut CheckReport,
         fix: bool,
+        copy_limit: u64,
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -289,6 +297,7 @@ impl Inner {
                         continue;
                     }
                     // Give this reference its own copy of the data.
+                    self.reserve_copy(cs, copy_limit)?;
                     let copy = self.allocate(1);
                     let mut buf = vec![0u8; cs as usize];
                     self.storage
@@ -303,6 +312,19 @@ impl Inner {
                 // Cannot happen: validity bounds the offset by the scanned area.
                 None => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a repair copy of `bytes` that would take the file past `limit`.
+    fn reserve_copy(&self, bytes: u64, limit: u64) -> Result<()> {
+        let end = self.next_free.load(Ordering::Acquire).saturating_add(bytes);
+        if end > limit {
+            return Err(Error::TooLarge {
+                what: "file grown by repair copies",
+                bytes: end,
+                limit,
+            });
         }
         Ok(())
     }
