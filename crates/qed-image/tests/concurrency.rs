@@ -427,7 +427,13 @@ fn readers_race_allocation(cluster_size: u32, table_size: u32) {
             len: backing_len,
         })
     });
-    let storage = create_memory(&params(size, cluster_size, table_size, Some("b.raw"), true));
+    // Yielding around every write widens the windows in which readers can meet allocation.
+    let storage = Arc::new(YieldingStorage::default());
+    Image::create_on(
+        &*storage,
+        &params(size, cluster_size, table_size, Some("b.raw"), true),
+    )
+    .unwrap();
     let image = open_shared(&storage, &rw_options(), backing.layer());
 
     // Each target cluster: one slice per writer with gaps between them that nobody writes.
@@ -520,7 +526,7 @@ fn readers_race_allocation(cluster_size: u32, table_size: u32) {
         "one allocation per cluster"
     );
     image.close().unwrap();
-    let layout = parse_layout(&storage.to_bytes());
+    let layout = parse_layout(&storage.0.to_bytes());
     layout.assert_exact_cover(0);
     let image = open_shared(&storage, &OpenOptions::read_only(), backing.layer());
     check_written(&image, &model, &[range], "after reopen");
