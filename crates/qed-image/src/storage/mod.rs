@@ -3,12 +3,18 @@
 //! Every byte the engine reads or writes goes through [`Storage`], so crash-simulating and
 //! fault-injecting storages can stand in for a file in tests.
 
+mod crash;
+mod fault;
 mod file;
 mod lock;
 mod memory;
 
 use std::io;
 
+pub use crash::{
+    CrashKind, CrashOp, CrashOptions, CrashState, CrashStates, CrashStorage, LoggedOp,
+};
+pub use fault::{Fault, FaultStorage, OpCounts, OpKind, OpKinds};
 pub use file::{CacheMode, FileOptions, FileStorage};
 pub use lock::{LockMode, QemuLock};
 pub use memory::MemoryStorage;
