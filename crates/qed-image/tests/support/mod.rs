@@ -432,6 +432,17 @@ impl Layout {
         self.header.needs_check()
     }
 
+    /// Asserts that every whole cluster of the file is referenced except `leaked` ones (a
+    /// partial cluster at the end, which an interrupted allocation can leave, is not counted).
+    #[track_caller]
+    pub fn assert_whole_clusters_covered(&self, leaked: u64) {
+        assert_eq!(
+            self.file_len / self.cluster_size,
+            self.used_clusters() + leaked,
+            "whole file clusters vs referenced clusters + {leaked} leaked: {self:?}"
+        );
+    }
+
     /// Asserts the file is exactly covered: its length is a multiple of the cluster size and
     /// every cluster is referenced except `leaked` ones.
     #[track_caller]
@@ -641,6 +652,18 @@ pub enum Event {
     Flush,
 }
 
+impl Event {
+    /// Does to `disk` what this event did.
+    pub fn apply(&self, disk: &dyn Storage) {
+        match self {
+            Event::Write(offset, data) => disk.write_at(data, *offset).unwrap(),
+            Event::SetLen(len) => disk.set_len(*len).unwrap(),
+            Event::Punch(offset, len) => disk.punch_hole(*offset, *len).unwrap(),
+            Event::Flush => {}
+        }
+    }
+}
+
 /// A memory storage that records every write, length change, hole punch and flush in order.
 #[derive(Debug)]
 pub struct RecordingStorage {
@@ -666,17 +689,16 @@ impl RecordingStorage {
         self.state.lock().unwrap().1.clone()
     }
 
+    /// The disk before the first event.
+    pub fn initial(&self) -> &[u8] {
+        &self.initial
+    }
+
     /// The disk after the first `count` events.
     pub fn replay(&self, count: usize) -> Vec<u8> {
-        let events = self.events();
         let disk = MemoryStorage::from_bytes(self.initial.clone());
-        for event in &events[..count] {
-            match event {
-                Event::Write(offset, data) => disk.write_at(data, *offset).unwrap(),
-                Event::SetLen(len) => disk.set_len(*len).unwrap(),
-                Event::Punch(offset, len) => disk.punch_hole(*offset, *len).unwrap(),
-                Event::Flush => {}
-            }
+        for event in &self.events()[..count] {
+            event.apply(&disk);
         }
         disk.to_bytes()
     }
