@@ -83,7 +83,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         any::<bool>(),
         any::<u64>(),
-        prop::collection::vec(op(), 1..40),
+        prop::collection::vec(op(), 1..=40),
     )
         .prop_map(
             |(aligned_size, short_backing, tiny_cache, seed, ops)| Case {
