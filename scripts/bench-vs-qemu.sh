@@ -93,10 +93,15 @@ done_re = re.compile(r"Run completed in ([0-9.]+) seconds")
 for r in range(rounds):
     k = r % len(cases) if cases else 0
     for name, prep, cmd, count, bs in cases[k:] + cases[:k]:
-        subprocess.run(prep + "; sync", shell=True, check=True)
-        p = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
-        m = done_re.search(p.stdout)
-        if p.returncode != 0 or not m:
+        for attempt in range(3):
+            subprocess.run(prep + "; sync", shell=True, check=True)
+            p = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
+            m = done_re.search(p.stdout)
+            if p.returncode == 0 and m:
+                break
+            # qemu-img bench occasionally crashes (a stack overflow at depth 1): run it again.
+            print(f"# {name}: exit status {p.returncode}, retrying", file=sys.stderr)
+        else:
             sys.exit(f"{name}: {cmd} failed:\n{p.stdout}{p.stderr}")
         samples[name].append(float(m.group(1)))
         print(f"# round {r + 1}/{rounds}  {name:<40} {float(m.group(1)):8.3f} s", file=sys.stderr, flush=True)
