@@ -256,7 +256,9 @@ impl Inner {
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let end = self.next_free.load(Ordering::Acquire);
+        // The file as it was when the scan began: copies made by this repair lie past it, and
+        // an entry pointing there is as invalid as it was before the copy was made.
+        let end = owners.len() as u64 * cs;
         let mut previous: Option<u64> = None;
         for index in 0..table.entries.len() {
             let raw = table.entries.get(index);

@@ -119,6 +119,9 @@ fn cases() -> Vec<Case> {
         case("l1-to-header.qed").corrupt(L1, 1, 0).repaired(1, 0),
         case("l1-to-l1.qed").corrupt("", 2, 0).repaired(4, 0),
         case("l1-duplicate.qed").corrupt("", 2, 0).repaired(5, 0),
+        case("l1-duplicate-past-eof.qed")
+            .corrupt(L2, 3, 0)
+            .repaired(7, 0),
         case("l1-duplicate-many.qed")
             .corrupt("", 6, 0)
             .repaired(15, 0),

@@ -102,6 +102,11 @@ def cases():
     out["l1-duplicate.qed"] = img.bytes()
 
     img, l2, d = standard()
+    img.l1e(1, l2)  # shares L1[0]'s table, which has an entry at EOF: a repair copies the
+    img.l2e(l2, 3, len(img.buf))  # table to EOF, and the stale entry must not become valid
+    out["l1-duplicate-past-eof.qed"] = img.bytes()
+
+    img, l2, d = standard()
     for i in range(1, 4):
         img.l1e(i, l2)  # three more references to one table
     out["l1-duplicate-many.qed"] = img.bytes()
