@@ -4,6 +4,7 @@
 //! output lines, JSON fields and exit codes are those of `qemu-img` / `qemu-io`. Every error is
 //! printed as `qed: <what failed>: <why>` and exits with status 1.
 
+mod check;
 mod create;
 mod error;
 mod format;
@@ -39,6 +40,8 @@ enum Command {
     Create(create::CreateArgs),
     /// Show what an image is (as `qemu-img info`).
     Info(info::InfoArgs),
+    /// Check an image for consistency and repair it (as `qemu-img check`).
+    Check(check::CheckArgs),
     /// Run I/O commands on an image (as `qemu-io`).
     Io(io::IoArgs),
 }
@@ -47,6 +50,7 @@ fn run(cli: &Cli) -> Result<i32, CliError> {
     match &cli.command {
         Command::Create(args) => create::run(args),
         Command::Info(args) => info::run(args),
+        Command::Check(args) => check::run(args),
         Command::Io(args) => io::run(args),
     }
 }
