@@ -6,6 +6,7 @@ mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use qed_image::{BackingPolicy, CheckReport, Error, Image, OpenOptions, Repair};
@@ -389,8 +390,29 @@ fn expected_rw(case: &Case, dirty: bool) -> Outcome {
     out
 }
 
+/// The whole run may take this long; past it, something hangs.
+const DEADLINE: Duration = Duration::from_secs(20);
+
 #[test]
 fn every_hostile_image_gives_its_expected_result() {
+    // A watchdog thread turns a hang into a failure.
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        run_every_case();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(DEADLINE) {
+        Ok(()) => worker.join().expect("worker"),
+        Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(RecvTimeoutError::Timeout) => panic!("hostile images still running after {DEADLINE:?}"),
+    }
+}
+
+fn run_every_case() {
     let started = Instant::now();
     let qemu = common::require_tool("qemu-img");
     let mut files: Vec<String> = std::fs::read_dir(DATA)
@@ -444,7 +466,7 @@ fn every_hostile_image_gives_its_expected_result() {
         );
     }
     assert!(
-        started.elapsed() < Duration::from_secs(20),
+        started.elapsed() < DEADLINE,
         "hostile images took {:?}",
         started.elapsed()
     );
