@@ -110,6 +110,14 @@ impl L2Cache {
         self.add(&mut shard, table)
     }
 
+    /// Forgets the table at `offset` (it moved: nothing on disk leads there any more).
+    pub(crate) fn remove(&self, offset: u64) {
+        let mut shard = self.shard(offset).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((table, _)) = shard.tables.remove(&offset) {
+            shard.bytes -= table.memory_bytes();
+        }
+    }
+
     fn add(&self, shard: &mut Shard, table: L2Table) -> Arc<L2Table> {
         let bytes = table.memory_bytes();
         let table = Arc::new(table);

@@ -349,24 +349,25 @@ impl Inner {
         Ok(table)
     }
 
-    /// Reclaims leaked clusters: moves data clusters from the end of the file into them, then
-    /// truncates the file after the last cluster in use. Returns how many were reclaimed.
+    /// Reclaims leaked clusters: moves data clusters from the end of the file into them, slides
+    /// the L2 tables above the remaining free space down into it, then truncates the file
+    /// after the last cluster in use. Returns how many were reclaimed.
     fn reclaim(&self, scan: &Scan, leaked: &[u64]) -> Result<u64> {
         let cs = self.geometry.cluster_size();
         let mut owners = scan.owners.clone();
-        let holes = leaked.iter().copied();
-        let mut last = owners.len();
-        // Move data from the highest clusters into the lowest holes.
-        for hole in holes {
-            while last > 0 && owners[last - 1] == Owner::Free {
-                last -= 1;
+        // Move data from the highest data clusters into the lowest holes. Only leaked clusters
+        // are written to: a vacated one may be referenced on disk until the next write-back.
+        let mut source = owners.len();
+        for &hole in leaked {
+            let mut found = None;
+            while source > hole as usize + 1 {
+                source -= 1;
+                if let Owner::Data(l1_index, index) = owners[source] {
+                    found = Some((l1_index, index));
+                    break;
+                }
             }
-            if last == 0 || (last as u64 - 1) <= hole {
-                break;
-            }
-            let source = last - 1;
-            let Owner::Data(l1_index, index) = owners[source] else {
-                // Metadata at the end of the file stays where it is.
+            let Some((l1_index, index)) = found else {
                 break;
             };
             let Some(table) = scan.tables.get(&l1_index) else {
@@ -385,9 +386,11 @@ impl Inner {
             owners[hole as usize] = owners[source];
             owners[source] = Owner::Free;
         }
-        // Tables reach the new locations before the file is cut (write-back flushes the
-        // copies first).
+        // Barrier (write-back): the moved data and the entries leading to it are durable, so
+        // the vacated clusters are free on disk too.
         self.write_back()?;
+        self.slide_tables(scan, &mut owners)?;
+        let mut last = owners.len();
         while last > 0 && owners[last - 1] == Owner::Free {
             last -= 1;
         }
@@ -423,5 +426,66 @@ impl Inner {
             }
         }
         Ok(fixed)
+    }
+
+    /// Moves the L2 tables that lie above the lowest free cluster down into the free space,
+    /// in offset order, so that all free space ends up at the end of the file. Every cluster
+    /// written to is free on disk: a table whose target overlaps its own clusters is first
+    /// copied past the end of the file.
+    fn slide_tables(&self, scan: &Scan, owners: &mut Vec<Owner>) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let ts = u64::from(self.geometry.table_size());
+        if self.next_free.load(Ordering::Acquire) != owners.len() as u64 * cs {
+            return Ok(());
+        }
+        // The header and the L1 table stay where they are.
+        let l1_first = self.valid.header().l1_table_offset / cs;
+        let floor = (self.valid.header_bytes() / cs).max(l1_first + ts);
+        let Some(mut next) =
+            (floor..owners.len() as u64).find(|&c| owners[c as usize] == Owner::Free)
+        else {
+            return Ok(());
+        };
+        let mut movers: Vec<(u64, usize, Arc<L2Table>)> = scan
+            .tables
+            .iter()
+            .filter(|(_, t)| t.offset / cs > next)
+            .map(|(&l1_index, t)| (t.offset / cs, l1_index, t.clone()))
+            .collect();
+        movers.sort_by_key(|m| m.0);
+        let mark = |owners: &mut [Owner], first: u64, owner: Owner| {
+            for o in &mut owners[first as usize..(first + ts) as usize] {
+                *o = owner;
+            }
+        };
+        for (mut first, l1_index, mut table) in movers {
+            if first < next + ts {
+                let temp = self.allocate(ts) / cs;
+                owners.resize((temp + ts) as usize, Owner::Free);
+                table = self.move_table(&table, l1_index, temp * cs)?;
+                mark(owners, first, Owner::Free);
+                mark(owners, temp, Owner::Metadata);
+                first = temp;
+            }
+            self.move_table(&table, l1_index, next * cs)?;
+            mark(owners, first, Owner::Free);
+            mark(owners, next, Owner::Metadata);
+            next += ts;
+        }
+        Ok(())
+    }
+
+    /// Copies `table` to `offset`, points L1[`l1_index`] at the copy and writes back: when
+    /// this returns, the copy is what the disk leads to and the old clusters are free.
+    fn move_table(&self, table: &L2Table, l1_index: usize, offset: u64) -> Result<Arc<L2Table>> {
+        let entries = Entries::new_unwritten(table.entries.len());
+        for i in 0..table.entries.len() {
+            entries.set(i, table.entries.get(i));
+        }
+        let moved = self.cache.insert_new(L2Table::new(offset, entries));
+        self.l1.set(l1_index, offset);
+        self.write_back()?;
+        self.cache.remove(table.offset);
+        Ok(moved)
     }
 }
