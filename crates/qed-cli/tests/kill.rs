@@ -415,7 +415,9 @@ fn killed_writers_leave_consistent_images_that_keep_flushed_data() {
             name: "plain",
             cluster_size: 4096,
             table_size: 2,
-            size: 16 << 20,
+            // Two L2 tables; the file stays under 4095 clusters, where QEMU's check would
+            // start counting a phantom leak (reference §7.5).
+            size: 8 << 20,
             backing: None,
         },
         Stream {
