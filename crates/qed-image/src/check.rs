@@ -26,7 +26,10 @@ use crate::{Error, Image, Result};
 pub enum Repair {
     /// Report only.
     None,
-    /// Reclaim leaked clusters (and, as QEMU does for QED, clear invalid entries).
+    /// The same repairs as [`Repair::All`]. QEMU's QED driver repairs with a yes/no flag, so
+    /// its `-r leaks` also clears invalid entries; here the duplicates must be copied too,
+    /// as leaks can only be reclaimed (data moved, the file cut) when every cluster has one
+    /// owner.
     Leaks,
     /// Clear invalid entries, copy doubly referenced clusters, reclaim leaks.
     All,
