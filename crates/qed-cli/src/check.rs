@@ -32,7 +32,7 @@ pub const EXIT_NOT_SUPPORTED: i32 = 63;
 /// What `-r` repairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RepairMode {
-    /// Leaked clusters (and, as QEMU does for QED, invalid table entries).
+    /// Leaked clusters; for QED the same repairs as `all` (QEMU's also clears invalid entries).
     Leaks,
     /// Every inconsistency the check can repair.
     All,
