@@ -223,7 +223,8 @@ impl Inner {
                         report.corruptions_fixed += taken;
                         table
                     }
-                    Err(_) => {
+                    Err(e) => {
+                        report.note(|| format!("L2 table at {offset:#x} could not be moved: {e}"));
                         report.check_errors += 1;
                         continue;
                     }
@@ -235,8 +236,8 @@ impl Inner {
                 match self.l2_table(l1_index) {
                     Ok(Some(table)) => table,
                     Ok(None) => continue,
-                    Err(_) => {
-                        report.note(|| format!("L2 table at {offset:#x} could not be read"));
+                    Err(e) => {
+                        report.note(|| format!("L2 table at {offset:#x} could not be read: {e}"));
                         report.check_errors += 1;
                         continue;
                     }

@@ -426,6 +426,16 @@ impl Image {
         if options.writable && header.needs_check() {
             // Not closed cleanly: check and repair before anything is written.
             match image.inner.check(Repair::All) {
+                Ok(report) if report.check_errors > 0 => {
+                    // Some table could not be read, so the repair is incomplete; a close
+                    // would clear NEED_CHECK over it. Leave the file for a later repair.
+                    image.inner.poisoned.store(true, Ordering::Release);
+                    return Err(Error::Io {
+                        op: "check and repair at open",
+                        offset: 0,
+                        source: std::io::Error::other(report.findings.join("; ")),
+                    });
+                }
                 Ok(report) => image.open_repair = Some(report),
                 Err(e) => {
                     // Leave the file as it is (NEED_CHECK stays set) for a later repair.
