@@ -7,8 +7,8 @@
 //!
 //! Repair goes further than QEMU: invalid entries are cleared; a cluster referenced twice is
 //! copied so that every reference owns its data; leaked clusters are reclaimed by moving data
-//! clusters from the end of the file into them and truncating the file behind the last
-//! cluster in use. Every change goes through the normal write-back, so a crash during repair
+//! clusters from the end of the file into them, sliding L2 tables down into the rest, and
+//! truncating the file behind the last cluster in use. Every change goes through the normal write-back, so a crash during repair
 //! leaves an image that another repair fixes.
 
 use std::collections::HashMap;
