@@ -304,7 +304,7 @@ impl Inner {
                     }
                     // Give this reference its own copy of the data.
                     self.reserve_copy(cs, copy_limit)?;
-                    let copy = self.allocate(1);
+                    let copy = self.allocate(1)?;
                     let mut buf = vec![0u8; cs as usize];
                     self.storage
                         .read_at(&mut buf, raw)
@@ -341,7 +341,7 @@ impl Inner {
         self.storage
             .read_at(&mut bytes, offset)
             .map_err(Error::io("read L2 table", offset))?;
-        let new_offset = self.allocate(u64::from(self.geometry.table_size()));
+        let new_offset = self.allocate(u64::from(self.geometry.table_size()))?;
         let entries = Entries::new_unwritten(self.geometry.entries_per_table());
         for (i, chunk) in bytes.chunks_exact(8).enumerate() {
             let mut b = [0u8; 8];
@@ -464,7 +464,7 @@ impl Inner {
         };
         for (mut first, l1_index, mut table) in movers {
             if first < next + ts {
-                let temp = self.allocate(ts) / cs;
+                let temp = self.allocate(ts)? / cs;
                 owners.resize((temp + ts) as usize, Owner::Free);
                 table = self.move_table(&table, l1_index, temp * cs)?;
                 mark(owners, first, Owner::Free);

@@ -118,7 +118,7 @@ impl Inner {
             if let Some(table) = self.l2_table(l1_index)? {
                 return Ok(table);
             }
-            let offset = self.allocate(u64::from(self.geometry.table_size()));
+            let offset = self.allocate(u64::from(self.geometry.table_size()))?;
             let entries = Entries::new_unwritten(self.geometry.entries_per_table());
             let table = self.cache.insert_new(L2Table::new(offset, entries));
             // The table is pinned in the cache (dirty) before the L1 entry can lead to it.
@@ -134,10 +134,21 @@ impl Inner {
     }
 
     /// Reserves `clusters` contiguous clusters at the end of the file.
-    pub(crate) fn allocate(&self, clusters: u64) -> u64 {
+    ///
+    /// The first allocation of a dirty period sets NEED_CHECK and flushes it before any
+    /// cluster is handed out, so that whatever the new clusters receive before the next
+    /// write-back (leaks after a crash) is found by the check at the next open.
+    pub(crate) fn allocate(&self, clusters: u64) -> Result<u64> {
         let _growing = self.file_growth.lock().unwrap_or_else(|e| e.into_inner());
-        self.next_free
-            .fetch_add(clusters * self.geometry.cluster_size(), Ordering::AcqRel)
+        if !self.need_check_on_disk.load(Ordering::Acquire) {
+            self.write_need_check(true)?;
+            self.storage
+                .flush()
+                .map_err(Error::io("flush after setting NEED_CHECK", 0))?;
+        }
+        Ok(self
+            .next_free
+            .fetch_add(clusters * self.geometry.cluster_size(), Ordering::AcqRel))
     }
 
     /// Decodes and validates the entry at `index` of `table`.
@@ -302,7 +313,14 @@ impl Inner {
         };
         self.allocations_in_flight.fetch_add(1, Ordering::AcqRel);
         let clusters = range.len() as u64;
-        let host = self.allocate(clusters);
+        let host = match self.allocate(clusters) {
+            Ok(host) => host,
+            Err(e) => {
+                table.settle(range, None);
+                self.allocations_in_flight.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
         let run_start = g.align_down(pos);
         let written_end = (run_start + clusters * cs).min(end);
         let result = self.write_new_clusters(

@@ -120,6 +120,9 @@ impl Inner {
     pub(crate) fn mark_clean(&self) -> Result<()> {
         let _ordering = self.writeback.lock().unwrap_or_else(|e| e.into_inner());
         self.write_back_locked()?;
+        // Allocation sets the flag under the same lock: an allocation either finished before
+        // (and shows up as in flight or dirty here) or sets the flag again after the clear.
+        let _growing = self.file_growth.lock().unwrap_or_else(|e| e.into_inner());
         if self.need_check_on_disk.load(Ordering::Acquire)
             && self.allocations_in_flight.load(Ordering::Acquire) == 0
             && !self.l1.is_dirty()

@@ -96,6 +96,11 @@ pub struct QemuLock {
     shared: u8,
 }
 
+/// How often a conflicting lock is retried before giving up.
+const LOCK_RETRIES: u32 = 10;
+/// Pause between retries (the whole wait is at most 100 ms).
+const LOCK_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
 impl QemuLock {
     /// Takes the lock for `mode` on `file` the way QEMU does, failing if another open file
     /// description (of any process, QEMU or ours) holds a conflicting one.
@@ -105,6 +110,22 @@ impl QemuLock {
     /// `Failed to get "write" lock`) and that the image is locked by another process. On any
     /// error no lock byte is left held.
     pub fn acquire(file: &File, mode: LockMode) -> io::Result<Option<Self>> {
+        // A conflict can be a lock that outlives its owner for an instant: a child process
+        // forked by another thread shares the open file description until it execs. Such a
+        // lock goes away within milliseconds; a real owner is still there after the retries.
+        let mut attempt = 0;
+        loop {
+            match Self::try_acquire(file, mode) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && attempt < LOCK_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(LOCK_RETRY_DELAY);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn try_acquire(file: &File, mode: LockMode) -> io::Result<Option<Self>> {
         let Some((perm, shared)) = mode.permissions() else {
             return Ok(None);
         };
