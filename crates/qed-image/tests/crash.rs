@@ -19,6 +19,7 @@ fn workloads(config: &Config) -> u64 {
     let n = if config.cluster_size >= 65536 { 1 } else { 2 };
     n * soak()
 }
+
 /// Requests per workload.
 fn requests(config: &Config) -> usize {
     if config.cluster_size >= 65536 {
@@ -61,32 +62,25 @@ impl Recording {
         let mut model = layout.initial(&config);
         let mut flushes = vec![(0, 0, model.clone())];
         let mut steps = Vec::new();
-        let requests = requests(&config);
-        let ops = workload(&config, &mut rng, requests);
-        for op in ops.into_iter().chain([GuestOp::Flush]) {
+        for op in workload(&config, &mut rng, requests(&config)) {
             let log_start = crash.op_count();
-            let close = steps.len() == requests;
-            if close {
-                // The last flush is the close: write-back and NEED_CHECK cleared.
-                image.flush().expect("flush");
-            } else {
-                op.run(&image)
-                    .unwrap_or_else(|e| panic!("{}: {}: {e}", config.name(), op.describe()));
-            }
+            op.run(&image)
+                .unwrap_or_else(|e| panic!("{}: {}: {e}", config.name(), op.describe()));
             let effect = op.effect(&config, &layout);
             if let Some((at, data)) = &effect {
                 model[*at..at + data.len()].copy_from_slice(data);
             }
+            let flush = matches!(op, GuestOp::Flush);
             steps.push(Step {
                 op,
                 effect,
                 log_start,
             });
-            if matches!(steps.last().map(|s| &s.op), Some(GuestOp::Flush)) {
-                let end = crash.op_count();
-                flushes.push((end, steps.len(), model.clone()));
+            if flush {
+                flushes.push((crash.op_count(), steps.len(), model.clone()));
             }
         }
+        // The close is the last flush: write-back, then NEED_CHECK cleared.
         let log_start = crash.op_count();
         image.close().expect("close");
         steps.push(Step {
