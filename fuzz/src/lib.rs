@@ -322,7 +322,7 @@ fn walk_extents(image: &Image, storage: &MemoryStorage, offset: u64, len: u64, s
 
 fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
     (0..len)
-        .map(|i| seed ^ ((offset + i) >> 9) as u8 ^ (i as u8).rotate_left(3))
+        .map(|i| seed ^ (offset.wrapping_add(i) >> 9) as u8 ^ (i as u8).rotate_left(3))
         .collect()
 }
 
