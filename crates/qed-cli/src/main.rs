@@ -1,6 +1,6 @@
 //! `qed`: qemu-img and qemu-io for QED images.
 //!
-//! Subcommands follow `/work/shared/docs/cli.md` (the command-line contract): option letters,
+//! Subcommands follow `docs/cli.md` (the command-line contract): option letters,
 //! output lines, JSON fields and exit codes are those of `qemu-img` / `qemu-io`. Every error is
 //! printed as `qed: <what failed>: <why>` and exits with status 1.
 

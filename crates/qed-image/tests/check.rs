@@ -5,7 +5,7 @@ use std::process::Command;
 
 use qed_image::{CheckReport, Image, OpenOptions, Repair};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/qemu-fixtures");
 
 fn fixtures() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -88,7 +88,12 @@ fn hostile_images_and_fixtures_replay_through_every_target() {
 fn common_fixtures() -> Vec<PathBuf> {
     let dir = std::env::var_os("QED_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/fixtures"));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../testdata/qemu-fixtures"
+            ))
+        });
     let files: Vec<PathBuf> = files_in(&dir)
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "qed"))

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Where the shared fixtures live.
-pub const FIXTURES: &str = "/work/shared/fixtures";
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/qemu-fixtures");
 
 /// Whether `program` can be run. When it cannot: panics under CI=true, else prints a note
 /// (the caller then returns).

@@ -15,7 +15,12 @@ use sha2::{Digest, Sha256};
 pub fn fixtures_source() -> PathBuf {
     std::env::var_os("QED_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/fixtures"))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../testdata/qemu-fixtures"
+            ))
+        })
 }
 
 /// Whether we run under CI (missing tools are then a failure, not a skip).
