@@ -234,11 +234,7 @@ impl Image {
                 "backing chain deeper than {MAX_CHAIN_DEPTH}"
             )));
         }
-        let lock = match (options.force_share, options.writable) {
-            (true, _) => LockMode::None,
-            (false, true) => LockMode::Write,
-            (false, false) => LockMode::Read,
-        };
+        let lock = LockMode::for_access(options.writable, options.force_share);
         let storage = FileStorage::open(
             path,
             &FileOptions {
@@ -290,11 +286,7 @@ impl Image {
                                 writable: false,
                                 create: false,
                                 cache: options.cache,
-                                lock: if options.force_share {
-                                    LockMode::None
-                                } else {
-                                    LockMode::Read
-                                },
+                                lock: LockMode::for_access(false, options.force_share),
                             },
                         )
                         .map_err(Error::io("open", 0))

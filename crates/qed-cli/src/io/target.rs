@@ -59,11 +59,7 @@ impl Target {
                     .map_err(|e| open_failure(&e))
             }
             ImageFormat::Raw => {
-                let lock = match (force_share, writable) {
-                    (true, _) => LockMode::None,
-                    (false, true) => LockMode::Write,
-                    (false, false) => LockMode::Read,
-                };
+                let lock = LockMode::for_access(writable, force_share);
                 let storage = FileStorage::open(
                     path,
                     &FileOptions {

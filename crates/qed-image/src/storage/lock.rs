@@ -71,6 +71,15 @@ pub enum LockMode {
 }
 
 impl LockMode {
+    /// The lock an open takes: none when sharing is forced, else by access.
+    pub fn for_access(writable: bool, force_share: bool) -> Self {
+        match (force_share, writable) {
+            (true, _) => Self::None,
+            (false, true) => Self::Write,
+            (false, false) => Self::Read,
+        }
+    }
+
     /// The `(held, shared)` QEMU permission masks of this mode, or `None` for no locking.
     fn permissions(self) -> Option<(u8, u8)> {
         // Shared by a format node's file child when the parent asks for BDRV_O_NO_SHARE:
