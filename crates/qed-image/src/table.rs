@@ -153,6 +153,13 @@ impl Entries {
     }
 }
 
+/// Claimed index ranges of one table, and how many writers wait for one to settle.
+#[derive(Debug, Default)]
+struct Claims {
+    ranges: Vec<Range<usize>>,
+    waiters: usize,
+}
+
 /// An L2 table in memory, with the guest clusters of it being allocated right now.
 #[derive(Debug)]
 pub(crate) struct L2Table {
@@ -160,7 +167,7 @@ pub(crate) struct L2Table {
     pub(crate) offset: u64,
     pub(crate) entries: Entries,
     /// L2 indexes with an allocation in flight; writers to them wait on `settled`.
-    inflight: Mutex<Vec<Range<usize>>>,
+    inflight: Mutex<Claims>,
     settled: Condvar,
 }
 
@@ -169,7 +176,7 @@ impl L2Table {
         Self {
             offset,
             entries,
-            inflight: Mutex::new(Vec::new()),
+            inflight: Mutex::new(Claims::default()),
             settled: Condvar::new(),
         }
     }
@@ -189,17 +196,20 @@ impl L2Table {
     ) -> Option<(Range<usize>, T)> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         while inflight
+            .ranges
             .iter()
             .any(|r| r.start < range.end && range.start < r.end)
         {
+            inflight.waiters += 1;
             inflight = self
                 .settled
                 .wait(inflight)
                 .unwrap_or_else(|e| e.into_inner());
+            inflight.waiters -= 1;
         }
         let claimed = decide(&self.entries);
         if let Some((r, _)) = &claimed {
-            inflight.push(r.clone());
+            inflight.ranges.push(r.clone());
         }
         claimed
     }
@@ -212,11 +222,15 @@ impl L2Table {
                 self.entries.set(i, value(i));
             }
         }
-        if let Some(pos) = inflight.iter().position(|r| *r == range) {
-            inflight.swap_remove(pos);
+        if let Some(pos) = inflight.ranges.iter().position(|r| *r == range) {
+            inflight.ranges.swap_remove(pos);
         }
+        let waiters = inflight.waiters;
         drop(inflight);
-        self.settled.notify_all();
+        // No system call when nobody waits (the common case).
+        if waiters > 0 {
+            self.settled.notify_all();
+        }
     }
 }
 
