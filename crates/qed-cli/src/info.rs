@@ -170,11 +170,7 @@ fn collect(args: &InfoArgs, name: &str) -> Result<Vec<ImageInfo>, String> {
     match format {
         ImageFormat::Raw => {
             // Opened (and locked as QEMU locks it) only to see that it can be.
-            let lock = if args.force_share {
-                LockMode::None
-            } else {
-                LockMode::Read
-            };
+            let lock = LockMode::for_access(false, args.force_share);
             FileStorage::open(
                 path,
                 &FileOptions {

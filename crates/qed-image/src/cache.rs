@@ -124,18 +124,20 @@ impl L2Cache {
         shard.bytes += bytes;
         let now = shard.tick();
         shard.tables.insert(table.offset, (table.clone(), now));
-        self.evict(shard, &table);
+        self.evict(shard, Some(&table));
         table
     }
 
     /// Drops least recently used clean tables nobody else holds until the shard fits.
-    fn evict(&self, shard: &mut Shard, keep: &Arc<L2Table>) {
+    fn evict(&self, shard: &mut Shard, keep: Option<&Arc<L2Table>>) {
         while shard.bytes > self.shard_budget {
             let victim = shard
                 .tables
                 .iter()
                 .filter(|(_, (t, _))| {
-                    !Arc::ptr_eq(t, keep) && Arc::strong_count(t) == 1 && !t.entries.is_dirty()
+                    keep.is_none_or(|k| !Arc::ptr_eq(t, k))
+                        && Arc::strong_count(t) == 1
+                        && !t.entries.is_dirty()
                 })
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(off, _)| *off);
@@ -182,11 +184,7 @@ impl L2Cache {
     pub(crate) fn shrink(&self) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let none = Arc::new(L2Table::new(
-                u64::MAX,
-                crate::table::Entries::new_unwritten(0),
-            ));
-            self.evict(&mut shard, &none);
+            self.evict(&mut shard, None);
         }
     }
 

@@ -188,7 +188,8 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
 impl Image {
     /// Creates a new image file at `path`, byte-identical to `qemu-img create -f qed`.
     pub fn create(path: &Path, params: &CreateParams) -> Result<()> {
-        let (_, _, _) = new_image_layout(params)?;
+        // Refuse invalid parameters before the file is created or truncated.
+        new_image_layout(params)?;
         let storage = FileStorage::open(
             path,
             &FileOptions {

@@ -126,7 +126,7 @@ impl Inner {
         if self.need_check_on_disk.load(Ordering::Acquire)
             && self.allocations_in_flight.load(Ordering::Acquire) == 0
             && !self.l1.is_dirty()
-            && self.cache.dirty_tables().is_empty()
+            && self.cache.dirty_bytes() == 0
         {
             // Every table on disk is flushed (write_back_locked ended with a flush).
             self.write_need_check(false)?;
