@@ -268,3 +268,33 @@ fn o_direct_cache_mode_round_trips() {
     img.read_at(&mut buf, 0).unwrap();
     assert!(buf == model, "contents differ after O_DIRECT round trip");
 }
+
+#[test]
+fn header_rewrites_keep_the_rest_of_the_header_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.raw"), vec![0x11; 65536]).unwrap();
+    let path = dir.path().join("tail.qed");
+    Image::create(&path, &params(1 << 20, 4096, Some("base.raw"), true)).unwrap();
+    // Unknown extension bytes after the backing name, and an unknown autoclear bit.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let extension: Vec<u8> = (0..200u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&file, &extension, 1000).unwrap();
+    let mut header = header_of(&path);
+    header.autoclear_features = 0x10;
+    std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0).unwrap();
+    drop(file);
+    let tail = |p: &Path| std::fs::read(p).unwrap()[64..4096].to_vec();
+    let before = tail(&path);
+    // Autoclear reset at open, NEED_CHECK set by allocation and cleared at close: three
+    // header writes, none of which may touch bytes 64 onwards.
+    let img = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    img.write_at(&[0x22; 4096], 8192).unwrap();
+    img.flush().unwrap();
+    assert_ne!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
+    assert_eq!(tail(&path), before);
+    img.close().unwrap();
+    let after = header_of(&path);
+    assert_eq!(after.autoclear_features, 0);
+    assert_eq!(after.features & FEATURE_NEED_CHECK, 0);
+    assert_eq!(tail(&path), before);
+}
