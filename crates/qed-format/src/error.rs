@@ -97,4 +97,10 @@ pub enum FormatError {
         /// The raw entry.
         value: u64,
     },
+    /// A data entry points into the header or past the allocated area of the file.
+    #[error("table entry value {value:#x} points outside the file or into the header")]
+    EntryOutsideFile {
+        /// The raw entry.
+        value: u64,
+    },
 }

@@ -138,6 +138,17 @@ impl Geometry {
         bytes.div_ceil(self.cluster_size())
     }
 
+    /// End of the allocated area of a file `file_len` bytes long: the length rounded up to a
+    /// sector (as QEMU's block layer reports a file cut short by a few bytes; the bytes past
+    /// the end read as zeros), then down to a whole cluster.
+    pub fn allocated_end(&self, file_len: u64) -> u64 {
+        let sector = crate::SECTOR_SIZE;
+        let rounded = file_len
+            .checked_next_multiple_of(sector)
+            .unwrap_or(u64::MAX & !(sector - 1));
+        self.align_down(rounded)
+    }
+
     /// Guest offset of the first byte mapped by L1 entry `l1_index`.
     pub fn l1_guest_offset(&self, l1_index: usize) -> u64 {
         (l1_index as u64) << (self.cluster_bits + self.table_bits)
@@ -147,6 +158,18 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocated_end_rounds_up_to_a_sector_then_down_to_a_cluster() {
+        let g = Geometry::new(65536, 4).unwrap();
+        assert_eq!(g.allocated_end(0), 0);
+        assert_eq!(g.allocated_end(5 * 65536), 5 * 65536);
+        // Cut by one byte: QEMU sees the sector, so the last cluster is still whole.
+        assert_eq!(g.allocated_end(5 * 65536 - 1), 5 * 65536);
+        assert_eq!(g.allocated_end(5 * 65536 - 512), 4 * 65536);
+        assert_eq!(g.allocated_end(5 * 65536 - 513), 4 * 65536);
+        assert_eq!(g.allocated_end(u64::MAX), u64::MAX & !65535);
+    }
 
     #[test]
     fn cluster_size_rule() {

@@ -1,6 +1,6 @@
 //! The 64-byte QED header: decode, encode and validation.
 
-use crate::{FormatError, Geometry};
+use crate::{FormatError, Geometry, L2Entry};
 
 /// The magic at offset 0: the bytes `Q E D \0`.
 pub const MAGIC: u32 = 0x0044_4551;
@@ -144,7 +144,7 @@ impl Header {
                 cluster_size: self.cluster_size,
             });
         }
-        let usable_len = geometry.align_down(file_len);
+        let usable_len = geometry.allocated_end(file_len);
         check_table_offset(
             &geometry,
             header_bytes,
@@ -229,6 +229,14 @@ impl ValidHeader {
         self.header_bytes
     }
 
+    /// The backing file name from the bytes stored at [`ValidHeader::backing_name_range`]:
+    /// they end at the first NUL, as QEMU reads them (a stored size may cover NUL padding).
+    /// `None` when nothing is left.
+    pub fn backing_name<'a>(&self, stored: &'a [u8]) -> Option<&'a [u8]> {
+        let end = stored.iter().position(|&b| b == 0).unwrap_or(stored.len());
+        (end > 0).then_some(&stored[..end])
+    }
+
     /// The file range holding the backing file name, if one is named.
     pub fn backing_name_range(&self) -> Option<(u64, usize)> {
         self.header.has_backing_file().then(|| {
@@ -243,6 +251,19 @@ impl ValidHeader {
     /// (already rounded down to whole clusters).
     pub fn check_l2_offset(&self, usable_len: u64, offset: u64) -> Result<(), FormatError> {
         check_table_offset(&self.geometry, self.header_bytes, usable_len, "L2", offset)
+    }
+
+    /// Decodes an L2 entry and checks a data offset against a file whose allocated area ends
+    /// at `usable_len`: the one place an L2 entry from disk becomes trusted.
+    pub fn decode_l2(&self, usable_len: u64, raw: u64) -> Result<L2Entry, FormatError> {
+        match L2Entry::decode(raw, &self.geometry)? {
+            L2Entry::Data { host_offset }
+                if !self.is_valid_data_offset(usable_len, host_offset) =>
+            {
+                Err(FormatError::EntryOutsideFile { value: raw })
+            }
+            entry => Ok(entry),
+        }
     }
 
     /// Whether a data cluster at `offset` is aligned, outside the header and wholly inside the
@@ -413,7 +434,7 @@ mod tests {
             (65536 + 1, LEN),
             (0, LEN),
             (!0xffffu64, LEN),
-            (65536, LEN - 1),
+            (65536, LEN - 512),
             (65536, 512),
         ] {
             let h = Header {
@@ -428,6 +449,8 @@ mod tests {
                 "offset {off} len {len}"
             );
         }
+        // A file cut by less than a sector still holds its last cluster (QEMU rounds up).
+        assert!(default_header().validate(LEN - 1).is_ok());
         // table_size 1 is valid (QEMU refuses it by mistake).
         let h = Header {
             cluster_size: 4096,
@@ -461,6 +484,48 @@ mod tests {
         // Size 0 with BACKING_FILE set means no backing file.
         h.backing_filename_size = 0;
         assert_eq!(h.validate(LEN).unwrap().backing_name_range(), None);
+    }
+
+    #[test]
+    fn backing_name_ends_at_the_first_nul() {
+        let h = Header {
+            features: FEATURE_BACKING_FILE,
+            backing_filename_offset: 64,
+            backing_filename_size: 16,
+            ..default_header()
+        };
+        let v = h.validate(LEN).unwrap();
+        assert_eq!(
+            v.backing_name(b"base.qed\0\0\0\0\0\0\0\0"),
+            Some(&b"base.qed"[..])
+        );
+        assert_eq!(v.backing_name(b"\xffname"), Some(&b"\xffname"[..]));
+        assert_eq!(v.backing_name(b"\0rest"), None);
+        assert_eq!(v.backing_name(b""), None);
+    }
+
+    #[test]
+    fn l2_entries_are_checked_against_the_allocated_end() {
+        let v = default_header().validate(LEN).unwrap();
+        let cs = 65536;
+        assert_eq!(v.decode_l2(10 * cs, 0), Ok(L2Entry::Unallocated));
+        assert_eq!(v.decode_l2(10 * cs, 1), Ok(L2Entry::Zero));
+        assert_eq!(
+            v.decode_l2(10 * cs, 9 * cs),
+            Ok(L2Entry::Data {
+                host_offset: 9 * cs
+            })
+        );
+        for outside in [10 * cs, u64::MAX & !(cs - 1)] {
+            assert_eq!(
+                v.decode_l2(10 * cs, outside),
+                Err(FormatError::EntryOutsideFile { value: outside })
+            );
+        }
+        assert_eq!(
+            v.decode_l2(10 * cs, cs + 1),
+            Err(FormatError::EntryUnaligned { value: cs + 1 })
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod geometry;
 mod header;
 mod layout;
 
-pub use entry::{L1Entry, L2Entry, ENTRY_SIZE, ZERO_CLUSTER_ENTRY};
+pub use entry::{decode_entries, encode_entries, L1Entry, L2Entry, ENTRY_SIZE, ZERO_CLUSTER_ENTRY};
 pub use error::FormatError;
 pub use geometry::{
     Geometry, DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, MAX_CLUSTER_SIZE, MAX_TABLE_SIZE,

@@ -274,7 +274,7 @@ impl Inner {
                 report.fragmented_clusters += 1;
             }
             previous = Some(raw);
-            let valid = matches!(L2Entry::decode(raw, &g), Ok(L2Entry::Data(off))
+            let valid = matches!(L2Entry::decode(raw, &g), Ok(L2Entry::Data { host_offset: off })
                 if self.valid.is_valid_data_offset(end, off));
             if !valid {
                 report.note(|| {

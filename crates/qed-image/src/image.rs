@@ -394,7 +394,7 @@ impl Image {
             l1,
             cache: L2Cache::new(cache_budget, geometry.table_bytes()),
             cache_budget,
-            next_free: AtomicU64::new(geometry.align_down(file_len)),
+            next_free: AtomicU64::new(geometry.allocated_end(file_len)),
             fresh_from: AtomicU64::new(file_len),
             table_creation: Mutex::new(()),
             file_growth: Mutex::new(()),

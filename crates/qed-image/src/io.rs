@@ -164,7 +164,7 @@ impl Inner {
         match L2Entry::decode(raw, &self.geometry) {
             Ok(L2Entry::Unallocated) => Ok(Slot::Unallocated),
             Ok(L2Entry::Zero) => Ok(Slot::Zero),
-            Ok(L2Entry::Data(off)) => {
+            Ok(L2Entry::Data { host_offset: off }) => {
                 if self
                     .valid
                     .is_valid_data_offset(self.next_free.load(Ordering::Acquire), off)
