@@ -145,7 +145,7 @@ impl Geometry {
         let sector = crate::SECTOR_SIZE;
         let rounded = file_len
             .checked_next_multiple_of(sector)
-            .unwrap_or(u64::MAX & !(sector - 1));
+            .unwrap_or(!(sector - 1));
         self.align_down(rounded)
     }
 
