@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(g.allocated_end(5 * 65536 - 1), 5 * 65536);
         assert_eq!(g.allocated_end(5 * 65536 - 512), 4 * 65536);
         assert_eq!(g.allocated_end(5 * 65536 - 513), 4 * 65536);
-        assert_eq!(g.allocated_end(u64::MAX), u64::MAX & !65535);
+        assert_eq!(g.allocated_end(u64::MAX), !65535u64);
     }
 
     #[test]

@@ -516,7 +516,7 @@ mod tests {
                 host_offset: 9 * cs
             })
         );
-        for outside in [10 * cs, u64::MAX & !(cs - 1)] {
+        for outside in [10 * cs, !(cs - 1)] {
             assert_eq!(
                 v.decode_l2(10 * cs, outside),
                 Err(FormatError::EntryOutsideFile { value: outside })
