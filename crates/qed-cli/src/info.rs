@@ -201,7 +201,7 @@ fn collect(args: &InfoArgs, name: &str) -> Result<Vec<ImageInfo>, String> {
                 while let Some(layer) = next {
                     let layer_path = layer.path().map(Path::to_path_buf).unwrap_or_default();
                     let layer_name = layer_path.display().to_string();
-                    match layer {
+                    match &*layer {
                         BackingLayer::Raw { .. } => {
                             layers.push(raw_info(layer_name, &layer_path)?);
                             next = None;

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::storage::Storage;
-use crate::{Error, Image, Result};
+use crate::image::probe_format;
+use crate::storage::{FileOptions, FileStorage, LockMode, Storage};
+use crate::{Error, Image, OpenOptions, Result};
 
 /// Format of a backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +66,61 @@ impl std::fmt::Debug for BackingLayer {
 }
 
 impl BackingLayer {
+    /// Opens the file at `path` as a backing layer of `format` (probed when `None`), with its
+    /// own backing chain as `options.backing` says. `options.writable` opens it for writing
+    /// (for commit). Errors name the file.
+    pub fn open(path: &Path, format: Option<BackingFormat>, options: &OpenOptions) -> Result<Self> {
+        Self::open_in_chain(path, format, options, &mut Vec::new())
+    }
+
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        format: Option<BackingFormat>,
+        options: &OpenOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Self> {
+        let depth = chain.len();
+        let wrap = |cause: Error| match cause {
+            e @ Error::Chain(_) => e,
+            e => Error::Backing {
+                path: path.to_path_buf(),
+                depth,
+                cause: Box::new(e),
+            },
+        };
+        let format = match format {
+            Some(format) => format,
+            None => probe_format(path).map_err(wrap)?,
+        };
+        match format {
+            BackingFormat::Raw => {
+                let storage = FileStorage::open(
+                    path,
+                    &FileOptions {
+                        writable: options.writable,
+                        create: false,
+                        cache: options.cache,
+                        lock: LockMode::for_access(options.writable, options.force_share),
+                    },
+                )
+                .map_err(Error::io("open", 0))
+                .map_err(wrap)?;
+                let len = storage
+                    .len()
+                    .map_err(Error::io("length", 0))
+                    .map_err(wrap)?;
+                Ok(Self::Raw {
+                    storage: Box::new(storage),
+                    len,
+                    path: Some(path.to_path_buf()),
+                })
+            }
+            BackingFormat::Qed => Ok(Self::Qed(Box::new(
+                Image::open_chain(path, options, chain).map_err(wrap)?,
+            ))),
+        }
+    }
+
     /// A raw layer on any storage.
     pub fn raw(storage: Box<dyn Storage>) -> Result<Self> {
         let len = storage
@@ -101,7 +157,9 @@ impl BackingLayer {
         }
     }
 
-    /// Reads guest bytes; everything past the layer's end reads as zeros.
+    /// Reads guest bytes; everything past the layer's end reads as zeros. An error names the
+    /// file it comes from (the deepest layer that failed) and its depth below this layer's
+    /// user (1 = this layer).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let size = self.size();
         let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
@@ -110,11 +168,30 @@ impl BackingLayer {
         if inside.is_empty() {
             return Ok(());
         }
-        match self {
+        let result = match self {
             Self::Raw { storage, .. } => storage
                 .read_at(inside, offset)
-                .map_err(Error::io("read of backing file", offset)),
+                .map_err(Error::io("read", offset)),
             Self::Qed(image) => image.read_at(inside, offset),
+        };
+        result.map_err(|e| self.name_error(e))
+    }
+
+    /// Says which file an error of this layer comes from.
+    pub(crate) fn name_error(&self, error: Error) -> Error {
+        match error {
+            Error::Backing { path, depth, cause } => Error::Backing {
+                path,
+                depth: depth + 1,
+                cause,
+            },
+            cause => Error::Backing {
+                path: self
+                    .path()
+                    .map_or_else(|| PathBuf::from("<storage>"), Path::to_path_buf),
+                depth: 1,
+                cause: Box::new(cause),
+            },
         }
     }
 }

@@ -1,24 +1,28 @@
-//! Consistency check and repair: one scan of the L1 table and every L2 table.
+//! Consistency check and repair: scans of the L1 table and every L2 table.
 //!
-//! The scan records which table or entry owns each host cluster. It reports what
-//! `qemu-img check` reports — corruptions, leaks, check errors, allocated and fragmented
-//! clusters — with exact counts (QEMU's leak count is skewed by a division by
-//! `cluster_size − 1`), plus the image end offset.
+//! The scan marks in a bitmap (one bit per cluster, up to the highest cluster referenced) which
+//! clusters a table or an entry owns. It reports what `qemu-img check` reports — corruptions,
+//! leaks, check errors, allocated and fragmented clusters — with exact counts (QEMU's leak
+//! count is skewed by a division by `cluster_size − 1`), plus the image end offset. Tables are
+//! looked at one at a time through the cache, so a check holds the cache budget too.
 //!
 //! Repair goes further than QEMU: invalid entries are cleared; a cluster referenced twice is
-//! copied so that every reference owns its data; leaked clusters are reclaimed by moving data
-//! clusters from the end of the file into them, sliding L2 tables down into the rest, and
-//! truncating the file behind the last cluster in use. Every change goes through the normal write-back, so a crash during repair
-//! leaves an image that another repair fixes.
+//! copied so that every reference owns its data (a second reference past the end of the
+//! virtual disk is cleared instead); leaked clusters are reclaimed by moving data clusters from
+//! the end of the file into them, sliding L2 tables down into the rest, and truncating the file
+//! behind the last cluster in use. A repair first counts the copies it needs and refuses, with
+//! nothing changed, when they would grow the file past its bound. Every change goes through
+//! the normal write-back, so a crash during repair leaves an image that another repair fixes.
+//!
+//! A check holds the image exclusively (the I/O gate): no request runs while entries change.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use qed_format::{L1Entry, L2Entry};
 
-use crate::image::Inner;
-use crate::table::{Entries, L2Table};
+use crate::bitmap::Bitmap;
+use crate::state::Shared;
+use crate::table::Entries;
 use crate::{Error, Image, Result};
 
 /// What a repair may change.
@@ -64,8 +68,7 @@ pub struct CheckReport {
 pub const MAX_FINDINGS: usize = 1000;
 
 /// The copies one repair makes (of shared L2 tables and doubly referenced clusters) may grow
-/// the file by its own length, or by this much if that is more. An image whose references
-/// all alias one cluster would otherwise make a repair write gigabytes.
+/// the file by its own length, or by this much if that is more.
 const MIN_REPAIR_GROWTH: u64 = 64 << 20;
 
 impl CheckReport {
@@ -81,115 +84,113 @@ impl CheckReport {
     }
 }
 
-/// Who owns a host cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Owner {
-    Free,
-    Metadata,
-    /// Data cluster of guest cluster (L1 index, L2 index).
-    Data(usize, usize),
-}
-
-struct InFlight<'a>(&'a Inner);
-
-impl<'a> InFlight<'a> {
-    fn enter(inner: &'a Inner) -> Self {
-        inner.allocations_in_flight.fetch_add(1, Ordering::AcqRel);
-        Self(inner)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.allocations_in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
+/// What one scan found.
+#[derive(Default)]
 struct Scan {
-    owners: Vec<Owner>,
-    /// Tables scanned, by L1 index.
-    tables: HashMap<usize, Arc<L2Table>>,
+    /// Clusters owned by the header, a table or an entry.
+    used: Bitmap,
+    /// Clusters owned by the header or a table.
+    metadata: Bitmap,
+    /// Tables scanned: (L1 index, host offset).
+    tables: Vec<(usize, u64)>,
+    /// Bytes a repair of what was found would copy.
+    copy_bytes: u64,
 }
 
 impl Image {
     /// Checks the image and repairs what `repair` allows. On a writable image, metadata is
-    /// written back first so the check sees what is on disk. The image should not be written
-    /// by other threads while it is checked.
+    /// written back first so the check sees what is on disk. Requests from other threads wait
+    /// while the check runs.
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
-        if repair != Repair::None && !self.inner.writable {
+        if repair != Repair::None && !self.shared.writable {
             return Err(Error::ReadOnly);
         }
-        self.inner.check(repair)
+        let _all = self.shared.gate.exclusive();
+        self.shared.check(repair)
     }
 }
 
-impl Inner {
+impl Shared {
+    /// Runs a check; the caller holds the image exclusively.
     pub(crate) fn check(&self, repair: Repair) -> Result<CheckReport> {
-        // Counted as an allocation in flight: the idle timer must not clear NEED_CHECK while
-        // a repair is half done.
-        let busy = InFlight::enter(self);
-        let mut report = self.check_inner(repair)?;
-        drop(busy);
-        if repair != Repair::None && report.corruptions == 0 && report.check_errors == 0 {
+        let fix = repair != Repair::None;
+        if fix {
+            self.check_writable()?;
+        }
+        let mut report = {
+            // Counted as an allocation in flight: the idle timer must not clear NEED_CHECK
+            // while a repair is half done.
+            let _busy = self.alloc.begin();
+            self.check_inner(fix)?
+        };
+        if fix && report.corruptions == 0 && report.check_errors == 0 {
             self.mark_clean()?;
         }
         report.image_end_offset = self.storage.len().map_err(Error::io("length", 0))?;
         Ok(report)
     }
 
-    fn check_inner(&self, repair: Repair) -> Result<CheckReport> {
+    fn check_inner(&self, fix: bool) -> Result<CheckReport> {
         self.write_back()?;
         let mut report = CheckReport::default();
         let cs = self.geometry.cluster_size();
-        report.total_clusters = self.size.load(Ordering::Acquire).div_ceil(cs);
-        let fix = repair != Repair::None;
-        let mut scan = self.scan(&mut report, fix)?;
-        if fix && report.corruptions_fixed > 0 {
-            // Repairs moved and copied clusters: look again so leaks are counted on the
-            // repaired image.
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        report.total_clusters = size.div_ceil(cs);
+        let end = self.alloc.end();
+        let mut scan = self.scan(&mut report, false, end)?;
+        if fix && report.corruptions > 0 {
+            let limit = end.saturating_add(end.max(MIN_REPAIR_GROWTH));
+            if end.saturating_add(scan.copy_bytes) > limit {
+                // Refused before anything changed: the file stays as it was.
+                return Err(Error::TooLarge {
+                    what: "file grown by repair copies",
+                    bytes: end.saturating_add(scan.copy_bytes),
+                    limit,
+                });
+            }
+            let mut fixing = CheckReport::default();
+            self.scan(&mut fixing, true, end)?;
+            report.corruptions_fixed = fixing.corruptions_fixed;
+            report.corruptions = fixing.corruptions;
+            report.check_errors = report.check_errors.max(fixing.check_errors);
+            // Look again so leaks are counted on the repaired image.
             self.write_back()?;
-            scan = self.scan(&mut CheckReport::default(), false)?;
+            scan = self.scan(&mut CheckReport::default(), false, self.alloc.end())?;
         }
-        let leaked: Vec<u64> = scan
-            .owners
-            .iter()
-            .enumerate()
-            .skip((self.valid.header_bytes() / cs) as usize)
-            .filter(|(_, o)| **o == Owner::Free)
-            .map(|(i, _)| i as u64)
-            .collect();
+        let first = self.valid.header_bytes() / cs;
+        let file_clusters = self.alloc.end() / cs;
+        let leaked = scan.used.count_clear(first, file_clusters);
         if report.check_errors == 0 {
-            if fix && !leaked.is_empty() {
-                report.leaks_fixed = self.reclaim(&scan, &leaked)?;
-                report.leaks = leaked.len() as u64 - report.leaks_fixed;
+            if fix && leaked > 0 {
+                report.leaks_fixed = self.reclaim(&mut scan)?;
+                report.leaks = leaked - report.leaks_fixed;
             } else {
-                report.leaks = leaked.len() as u64;
+                report.leaks = leaked;
             }
         }
         Ok(report)
     }
 
-    fn scan(&self, report: &mut CheckReport, fix: bool) -> Result<Scan> {
+    /// One pass over every table. With `fix`, invalid entries are cleared, shared tables
+    /// relocated and doubly referenced clusters copied; `end` is the allocated area when the
+    /// check began (copies made by the repair lie past it).
+    fn scan(&self, report: &mut CheckReport, fix: bool, end: u64) -> Result<Scan> {
         let g = self.geometry;
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         let cs = g.cluster_size();
-        let end = self.next_free.load(Ordering::Acquire);
-        let nclusters = (end / cs) as usize;
-        let mut owners = vec![Owner::Free; nclusters];
-        let header_clusters = (self.valid.header_bytes() / cs) as usize;
-        for o in owners.iter_mut().take(header_clusters) {
-            *o = Owner::Metadata;
-        }
         let ts = u64::from(g.table_size());
-        let l1_offset = self.valid.header().l1_table_offset;
-        for c in 0..ts {
-            if let Some(o) = owners.get_mut((l1_offset / cs + c) as usize) {
-                *o = Owner::Metadata;
-            }
+        let mut scan = Scan::default();
+        for c in 0..self.valid.header_bytes() / cs {
+            scan.used.set(c)?;
+            scan.metadata.set(c)?;
         }
-        let copy_limit = end.saturating_add(end.max(MIN_REPAIR_GROWTH));
-        let mut tables = HashMap::new();
-        for l1_index in 0..self.l1.len() {
-            let raw = self.l1.get(l1_index);
+        let l1_first = self.valid.header().l1_table_offset / cs;
+        for c in l1_first..l1_first + ts {
+            scan.used.set(c)?;
+            scan.metadata.set(c)?;
+        }
+        for l1_index in 0..self.tables.l1.len() {
+            let raw = self.tables.l1.get(l1_index);
             let offset = match L1Entry::decode(raw, &g) {
                 Ok(L1Entry::Unallocated) => continue,
                 Ok(L1Entry::Table(off)) if self.valid.check_l2_offset(end, off).is_ok() => off,
@@ -197,7 +198,7 @@ impl Inner {
                     report
                         .note(|| format!("L1[{l1_index}] = {raw:#x} is not a valid table offset"));
                     if fix {
-                        self.l1.set(l1_index, 0);
+                        self.tables.l1.set(l1_index, 0);
                         report.corruptions_fixed += 1;
                     } else {
                         report.corruptions += 1;
@@ -205,19 +206,31 @@ impl Inner {
                     continue;
                 }
             };
-            let first = (offset / cs) as usize;
-            let taken = (first..first + ts as usize)
-                .filter(|&c| owners[c] != Owner::Free)
-                .count() as u64;
+            let first = offset / cs;
+            let taken = (first..first + ts).filter(|&c| scan.used.get(c)).count() as u64;
+            let past_end = g.l1_guest_offset(l1_index) >= size;
+            if taken > 0 && past_end {
+                // A shared table that maps nothing of the virtual disk: cleared, not copied.
+                report.note(|| {
+                    format!("L2 table at {offset:#x} (L1[{l1_index}], past the end of the disk) overlaps clusters in use")
+                });
+                if fix {
+                    self.tables.l1.set(l1_index, 0);
+                    report.corruptions_fixed += taken;
+                } else {
+                    report.corruptions += taken;
+                }
+                continue;
+            }
             let table = if taken > 0 {
                 report.note(|| {
                     format!("L2 table at {offset:#x} (L1[{l1_index}]) overlaps clusters in use")
                 });
+                scan.copy_bytes += g.table_bytes();
                 if !fix {
                     report.corruptions += taken;
                     continue;
                 }
-                self.reserve_copy(g.table_bytes(), copy_limit)?;
                 match self.relocate_table(offset, l1_index) {
                     Ok(table) => {
                         report.corruptions_fixed += taken;
@@ -230,10 +243,11 @@ impl Inner {
                     }
                 }
             } else {
-                for o in &mut owners[first..first + ts as usize] {
-                    *o = Owner::Metadata;
+                for c in first..first + ts {
+                    scan.used.set(c)?;
+                    scan.metadata.set(c)?;
                 }
-                match self.l2_table(l1_index) {
+                match self.l2_table_owned(l1_index) {
                     Ok(Some(table)) => table,
                     Ok(None) => continue,
                     Err(e) => {
@@ -243,30 +257,33 @@ impl Inner {
                     }
                 }
             };
-            self.scan_table(&table, l1_index, &mut owners, report, fix, copy_limit)?;
-            tables.insert(l1_index, table);
+            scan.tables.push((l1_index, table.offset));
+            self.scan_table(&table, l1_index, &mut scan, report, fix, end)?;
+            drop(table);
+            if fix {
+                // Changes held in memory stay within the cache budget.
+                self.relieve_pressure()?;
+            }
         }
-        Ok(Scan { owners, tables })
+        Ok(scan)
     }
 
     fn scan_table(
         &self,
-        table: &L2Table,
+        table: &crate::table::L2Table,
         l1_index: usize,
-        owners: &mut [Owner],
+        scan: &mut Scan,
         report: &mut CheckReport,
         fix: bool,
-        copy_limit: u64,
+        end: u64,
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
-        // The file as it was when the scan began: copies made by this repair lie past it, and
-        // an entry pointing there is as invalid as it was before the copy was made.
-        let end = owners.len() as u64 * cs;
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         let mut previous: Option<u64> = None;
         for index in 0..table.entries.len() {
             let raw = table.entries.get(index);
-            if raw <= 1 {
+            if !L2Entry::is_data_value(raw) {
                 continue;
             }
             report.allocated_clusters += 1;
@@ -274,9 +291,7 @@ impl Inner {
                 report.fragmented_clusters += 1;
             }
             previous = Some(raw);
-            let valid = matches!(L2Entry::decode(raw, &g), Ok(L2Entry::Data { host_offset: off })
-                if self.valid.is_valid_data_offset(end, off));
-            if !valid {
+            if self.valid.decode_l2(end, raw).is_err() {
                 report.note(|| {
                     format!(
                         "L2[{index}] = {raw:#x} in table {:#x} is not a valid data offset",
@@ -284,212 +299,220 @@ impl Inner {
                     )
                 });
                 if fix {
-                    table.entries.set(index, 0);
+                    table.set(index, 0);
                     report.corruptions_fixed += 1;
                 } else {
                     report.corruptions += 1;
                 }
                 continue;
             }
-            let cluster = (raw / cs) as usize;
-            match owners.get(cluster).copied() {
-                Some(Owner::Free) => owners[cluster] = Owner::Data(l1_index, index),
-                Some(_) => {
-                    report.note(|| {
-                        format!("L2[{index}] = {raw:#x} in table {:#x} points at a cluster already in use", table.offset)
-                    });
-                    if !fix {
-                        report.corruptions += 1;
-                        continue;
-                    }
-                    // Give this reference its own copy of the data.
-                    self.reserve_copy(cs, copy_limit)?;
-                    let copy = self.allocate(1)?;
-                    let mut buf = vec![0u8; cs as usize];
-                    self.storage
-                        .read_at(&mut buf, raw)
-                        .map_err(Error::io("read", raw))?;
-                    self.storage
-                        .write_at(&buf, copy)
-                        .map_err(Error::io("write", copy))?;
-                    table.entries.set(index, copy);
-                    report.corruptions_fixed += 1;
-                }
-                // Cannot happen: validity bounds the offset by the scanned area.
-                None => {}
+            let cluster = raw / cs;
+            if !scan.used.get(cluster) {
+                scan.used.set(cluster)?;
+                continue;
             }
+            report.note(|| {
+                format!(
+                    "L2[{index}] = {raw:#x} in table {:#x} points at a cluster already in use",
+                    table.offset
+                )
+            });
+            // A second reference past the end of the virtual disk maps nothing a guest can
+            // read: it is cleared, not copied.
+            let past_end = g.l1_guest_offset(l1_index) + index as u64 * cs >= size;
+            if !past_end {
+                scan.copy_bytes += cs;
+            }
+            if !fix {
+                report.corruptions += 1;
+                continue;
+            }
+            if past_end {
+                table.set(index, 0);
+            } else {
+                // Give this reference its own copy of the data.
+                let copy = self.copy_cluster(raw)?;
+                table.set(index, copy);
+            }
+            report.corruptions_fixed += 1;
         }
         Ok(())
     }
 
-    /// Refuses a repair copy of `bytes` that would take the file past `limit`.
-    fn reserve_copy(&self, bytes: u64, limit: u64) -> Result<()> {
-        let end = self.next_free.load(Ordering::Acquire).saturating_add(bytes);
-        if end > limit {
-            return Err(Error::TooLarge {
-                what: "file grown by repair copies",
-                bytes: end,
-                limit,
-            });
-        }
-        Ok(())
+    /// Copies the data cluster at host `from` to a new cluster; returns its offset.
+    fn copy_cluster(&self, from: u64) -> Result<u64> {
+        let cs = self.geometry.cluster_size();
+        let in_flight = self.alloc.begin();
+        let copy = self.allocate(&in_flight, 1)?;
+        let mut buf = vec![0u8; cs as usize];
+        self.storage
+            .read_at(&mut buf, from)
+            .map_err(Error::io("read", from))?;
+        self.storage
+            .write_at(&buf, copy)
+            .map_err(Error::io("write", copy))?;
+        Ok(copy)
     }
 
     /// Copies the L2 table at `offset` to fresh clusters and points L1[`l1_index`] there.
-    fn relocate_table(&self, offset: u64, l1_index: usize) -> Result<Arc<L2Table>> {
-        let mut bytes = vec![0u8; self.geometry.table_bytes() as usize];
-        self.storage
-            .read_at(&mut bytes, offset)
-            .map_err(Error::io("read L2 table", offset))?;
-        let new_offset = self.allocate(u64::from(self.geometry.table_size()))?;
-        let entries = Entries::new_unwritten(self.geometry.entries_per_table());
-        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            entries.set(i, u64::from_le_bytes(b));
-        }
-        let table = self.cache.insert_new(L2Table::new(new_offset, entries));
-        self.l1.set(l1_index, new_offset);
-        Ok(table)
+    fn relocate_table(
+        &self,
+        offset: u64,
+        l1_index: usize,
+    ) -> Result<std::sync::Arc<crate::table::L2Table>> {
+        let g = self.geometry;
+        let from_disk = Entries::load(
+            &*self.storage,
+            offset,
+            g.entries_per_table(),
+            "read L2 table",
+        )?;
+        let entries = Entries::unwritten_copy(&from_disk)?;
+        drop(from_disk);
+        let in_flight = self.alloc.begin();
+        let new_offset = self.allocate(&in_flight, u64::from(g.table_size()))?;
+        Ok(self.tables.relocate(l1_index, entries, new_offset))
     }
 
     /// Reclaims leaked clusters: moves data clusters from the end of the file into them, slides
     /// the L2 tables above the remaining free space down into it, then truncates the file
     /// after the last cluster in use. Returns how many were reclaimed.
-    fn reclaim(&self, scan: &Scan, leaked: &[u64]) -> Result<u64> {
-        let cs = self.geometry.cluster_size();
-        let mut owners = scan.owners.clone();
-        // Move data from the highest data clusters into the lowest holes. Only leaked clusters
-        // are written to: a vacated one may be referenced on disk until the next write-back.
-        let mut source = owners.len();
-        for &hole in leaked {
-            let mut found = None;
-            while source > hole as usize + 1 {
-                source -= 1;
-                if let Owner::Data(l1_index, index) = owners[source] {
-                    found = Some((l1_index, index));
-                    break;
+    fn reclaim(&self, scan: &mut Scan) -> Result<u64> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let first = self.valid.header_bytes() / cs;
+        let file_clusters = self.alloc.end() / cs;
+        let leaked_before = scan.used.count_clear(first, file_clusters);
+        // Pair the lowest holes with the highest data clusters above them.
+        let mut moves: Vec<(u64, u64)> = Vec::new();
+        {
+            let used = &scan.used;
+            let metadata = &scan.metadata;
+            let mut sources = used
+                .set_bits_down(first, file_clusters)
+                .filter(|&c| !metadata.get(c));
+            for hole in used.clear_bits(first, used.end()) {
+                match sources.next() {
+                    Some(source) if source > hole => moves.push((source, hole)),
+                    _ => break,
                 }
             }
-            let Some((l1_index, index)) = found else {
-                break;
-            };
-            let Some(table) = scan.tables.get(&l1_index) else {
-                break;
-            };
-            let from = source as u64 * cs;
-            let to = hole * cs;
+        }
+        if !moves.is_empty() {
+            let targets: HashMap<u64, u64> = moves.iter().copied().collect();
             let mut buf = vec![0u8; cs as usize];
-            self.storage
-                .read_at(&mut buf, from)
-                .map_err(Error::io("read", from))?;
-            self.storage
-                .write_at(&buf, to)
-                .map_err(Error::io("write", to))?;
-            table.entries.set(index, to);
-            owners[hole as usize] = owners[source];
-            owners[source] = Owner::Free;
+            // Only leaked clusters are written to: a vacated one may be referenced on disk
+            // until the next write-back.
+            for &(l1_index, _) in &scan.tables {
+                let Some(table) = self.l2_table_owned(l1_index)? else {
+                    continue;
+                };
+                for index in 0..table.entries.len() {
+                    let raw = table.entries.get(index);
+                    if !L2Entry::is_data_value(raw) {
+                        continue;
+                    }
+                    let Some(&hole) = targets.get(&(raw / cs)) else {
+                        continue;
+                    };
+                    let to = hole * cs;
+                    self.storage
+                        .read_at(&mut buf, raw)
+                        .map_err(Error::io("read", raw))?;
+                    self.storage
+                        .write_at(&buf, to)
+                        .map_err(Error::io("write", to))?;
+                    table.set(index, to);
+                }
+                drop(table);
+                self.relieve_pressure()?;
+            }
+            for &(source, hole) in &moves {
+                scan.used.set(hole)?;
+                scan.used.clear(source);
+            }
         }
         // Barrier (write-back): the moved data and the entries leading to it are durable, so
         // the vacated clusters are free on disk too.
         self.write_back()?;
-        self.slide_tables(scan, &mut owners)?;
-        let mut last = owners.len();
-        while last > 0 && owners[last - 1] == Owner::Free {
-            last -= 1;
-        }
-        let new_end = last as u64 * cs;
-        let reclaimed_tail = {
-            let _growing = self.file_growth.lock().unwrap_or_else(|e| e.into_inner());
-            let old_end = self.next_free.load(Ordering::Acquire);
-            if new_end < old_end && old_end == owners.len() as u64 * cs {
-                self.storage
-                    .set_len(new_end)
-                    .map_err(Error::io("truncate", new_end))?;
-                self.storage.flush().map_err(Error::io("flush", 0))?;
-                self.next_free.store(new_end, Ordering::Release);
-                self.fresh_from.fetch_min(new_end, Ordering::AcqRel);
-                true
-            } else {
-                false
-            }
-        };
+        self.slide_tables(scan)?;
+        let expected_end = self.alloc.end();
+        let last = scan.used.end().min(expected_end / cs);
+        let truncated = self.truncate_free_tail(expected_end, last * cs)?;
         // Whatever leak is left inside the file gives its space back to the file system.
-        let mut fixed = 0;
-        for &cluster in leaked {
-            if reclaimed_tail && cluster as usize >= last {
-                fixed += 1;
-            } else if owners[cluster as usize] != Owner::Free {
-                // A moved data cluster now fills this hole.
-                fixed += 1;
-            } else {
-                let at = cluster * cs;
-                self.storage
-                    .punch_hole(at, cs)
-                    .map_err(Error::io("punch hole", at))?;
-            }
+        let stop = if truncated { last } else { expected_end / cs };
+        let holes: Vec<u64> = scan.used.clear_bits(first, stop).collect();
+        for cluster in &holes {
+            let at = cluster * cs;
+            self.storage
+                .punch_hole(at, cs)
+                .map_err(Error::io("punch hole", at))?;
         }
-        Ok(fixed)
+        let left = holes.len() as u64;
+        Ok(leaked_before.saturating_sub(left))
     }
 
     /// Moves the L2 tables that lie above the lowest free cluster down into the free space,
     /// in offset order, so that all free space ends up at the end of the file. Every cluster
     /// written to is free on disk: a table whose target overlaps its own clusters is first
     /// copied past the end of the file.
-    fn slide_tables(&self, scan: &Scan, owners: &mut Vec<Owner>) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let ts = u64::from(self.geometry.table_size());
-        if self.next_free.load(Ordering::Acquire) != owners.len() as u64 * cs {
-            return Ok(());
-        }
-        // The header and the L1 table stay where they are.
+    fn slide_tables(&self, scan: &mut Scan) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let ts = u64::from(g.table_size());
         let l1_first = self.valid.header().l1_table_offset / cs;
         let floor = (self.valid.header_bytes() / cs).max(l1_first + ts);
-        let Some(mut next) =
-            (floor..owners.len() as u64).find(|&c| owners[c as usize] == Owner::Free)
-        else {
+        let file_clusters = self.alloc.end() / cs;
+        let Some(mut next) = scan.used.clear_bits(floor, file_clusters).next() else {
             return Ok(());
         };
-        let mut movers: Vec<(u64, usize, Arc<L2Table>)> = scan
+        let mut movers: Vec<(u64, usize)> = scan
             .tables
             .iter()
-            .filter(|(_, t)| t.offset / cs > next)
-            .map(|(&l1_index, t)| (t.offset / cs, l1_index, t.clone()))
+            .map(|&(l1_index, offset)| (offset / cs, l1_index))
+            .filter(|&(first, _)| first > next)
             .collect();
-        movers.sort_by_key(|m| m.0);
-        let mark = |owners: &mut [Owner], first: u64, owner: Owner| {
-            for o in &mut owners[first as usize..(first + ts) as usize] {
-                *o = owner;
+        movers.sort_unstable();
+        let mark = |scan: &mut Scan, first: u64, used: bool| -> Result<()> {
+            for c in first..first + ts {
+                if used {
+                    scan.used.set(c)?;
+                    scan.metadata.set(c)?;
+                } else {
+                    scan.used.clear(c);
+                    scan.metadata.clear(c);
+                }
             }
+            Ok(())
         };
-        for (mut first, l1_index, mut table) in movers {
+        for (mut first, l1_index) in movers {
             if first < next + ts {
-                let temp = self.allocate(ts)? / cs;
-                owners.resize((temp + ts) as usize, Owner::Free);
-                table = self.move_table(&table, l1_index, temp * cs)?;
-                mark(owners, first, Owner::Free);
-                mark(owners, temp, Owner::Metadata);
+                let in_flight = self.alloc.begin();
+                let temp = self.allocate(&in_flight, ts)? / cs;
+                drop(in_flight);
+                self.move_table(l1_index, temp * cs)?;
+                mark(scan, first, false)?;
+                mark(scan, temp, true)?;
                 first = temp;
             }
-            self.move_table(&table, l1_index, next * cs)?;
-            mark(owners, first, Owner::Free);
-            mark(owners, next, Owner::Metadata);
+            self.move_table(l1_index, next * cs)?;
+            mark(scan, first, false)?;
+            mark(scan, next, true)?;
             next += ts;
         }
         Ok(())
     }
 
-    /// Copies `table` to `offset`, points L1[`l1_index`] at the copy and writes back: when
-    /// this returns, the copy is what the disk leads to and the old clusters are free.
-    fn move_table(&self, table: &L2Table, l1_index: usize, offset: u64) -> Result<Arc<L2Table>> {
-        let entries = Entries::new_unwritten(table.entries.len());
-        for i in 0..table.entries.len() {
-            entries.set(i, table.entries.get(i));
-        }
-        let moved = self.cache.insert_new(L2Table::new(offset, entries));
-        self.l1.set(l1_index, offset);
-        self.write_back()?;
-        self.cache.remove(table.offset);
-        Ok(moved)
+    /// Copies the table of `l1_index` to `offset`, points the L1 entry at the copy and writes
+    /// back: when this returns, the copy is what the disk leads to and the old clusters are
+    /// free.
+    fn move_table(&self, l1_index: usize, offset: u64) -> Result<()> {
+        let table = self
+            .l2_table_owned(l1_index)?
+            .ok_or_else(|| Error::InvalidArgument("moving a table that is gone".into()))?;
+        let entries = Entries::unwritten_copy(&table.entries)?;
+        drop(table);
+        self.tables.relocate(l1_index, entries, offset);
+        self.write_back()
     }
 }

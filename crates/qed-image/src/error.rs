@@ -102,6 +102,12 @@ pub enum Error {
     /// A caller passed an invalid argument.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Zeroing would have to write data, and the caller asked for fast zeroing only.
+    #[error("zeroing at offset {offset} would have to write data")]
+    NotFast {
+        /// Guest offset of the first byte that would be written as data.
+        offset: u64,
+    },
     /// The operation or feature is not supported.
     #[error("not supported: {0}")]
     Unsupported(String),

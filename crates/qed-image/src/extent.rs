@@ -1,25 +1,18 @@
-//! The one answer to "where does guest byte X live?": an iterator of extents.
+//! The one answer to "where does guest byte X live?": iterators of extents, for one image and
+//! through its backing chain. Both are lazy: each step looks at one table (per layer), so
+//! walking a multi-terabyte image holds no list of its extents.
 //!
-//! Reads, map, convert, compare, commit and NBD block status all walk this iterator.
+//! Reads, map, convert, compare, commit and NBD block status all walk these iterators.
+
+use qed_format::L2Entry;
 
 use crate::backing::BackingLayer;
-use crate::image::Inner;
-use crate::io::Slot;
-use crate::{Error, Image, Result};
+use crate::state::Shared;
+use crate::{Error, Image, Result, MAX_CHAIN_DEPTH};
 
-/// What backs a guest range in one image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExtentKind {
-    /// Data clusters, contiguous in the host file from `host_offset`.
-    Data {
-        /// Host byte offset of the first guest byte of the extent.
-        host_offset: u64,
-    },
-    /// Zero clusters: read as zeros, hide the backing layer.
-    Zero,
-    /// Not allocated here: read from the backing layer, or zeros without one.
-    Unallocated,
-}
+/// What backs a guest range in one image: the engine's one validated entry type. For an
+/// extent, `Data` names the host offset of the extent's first byte.
+pub type ExtentKind = L2Entry;
 
 /// A guest range of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,30 +25,30 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
-impl Extent {
-    fn end(&self) -> u64 {
-        self.offset + self.length
-    }
+fn joins(a_offset: u64, a_length: u64, a: L2Entry, b_offset: u64, b: L2Entry) -> bool {
+    a_offset + a_length == b_offset
+        && match (a, b) {
+            (L2Entry::Data { host_offset: x }, L2Entry::Data { host_offset: y }) => {
+                x + a_length == y
+            }
+            (x, y) => x == y,
+        }
+}
 
+impl Extent {
     /// Appends `next` if it continues this extent (same kind, contiguous host data).
     fn absorb(&mut self, next: &Extent) -> bool {
-        let joins = self.end() == next.offset
-            && match (self.kind, next.kind) {
-                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
-                    a + self.length == b
-                }
-                (a, b) => a == b,
-            };
-        if joins {
+        let j = joins(self.offset, self.length, self.kind, next.offset, next.kind);
+        if j {
             self.length += next.length;
         }
-        joins
+        j
     }
 }
 
 /// Extents of one image over a guest range, merged across L2 tables.
 pub struct Extents<'a> {
-    inner: &'a Inner,
+    shared: &'a Shared,
     pos: u64,
     end: u64,
     peeked: Option<Extent>,
@@ -67,11 +60,31 @@ impl Image {
     pub fn extents(&self, offset: u64, len: u64) -> Extents<'_> {
         let end = offset.saturating_add(len).min(self.size());
         Extents {
-            inner: &self.inner,
+            shared: &self.shared,
             pos: offset.min(end),
             end,
             peeked: None,
             error: None,
+        }
+    }
+
+    /// Resolves `[offset, offset + len)` (clipped to the disk) through the whole backing
+    /// chain, collected; see [`Image::chain_extents_iter`] for large ranges.
+    pub fn chain_extents(&self, offset: u64, len: u64) -> Result<Vec<ChainExtent>> {
+        self.chain_extents_iter(offset, len).collect()
+    }
+
+    /// Resolves `[offset, offset + len)` (clipped to the disk) through the whole backing
+    /// chain, lazily: each step looks at one table per layer, and nothing is collected.
+    pub fn chain_extents_iter(&self, offset: u64, len: u64) -> ChainExtents<'_> {
+        let end = offset.saturating_add(len).min(self.size());
+        ChainExtents {
+            image: self,
+            pos: offset.min(end),
+            end,
+            pending: None,
+            error: None,
+            memo: vec![None; MAX_CHAIN_DEPTH + 2],
         }
     }
 }
@@ -81,22 +94,22 @@ impl Extents<'_> {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let inner = self.inner;
-        let g = inner.geometry;
+        let shared = self.shared;
+        let _pass = shared.gate.shared();
+        let g = shared.geometry;
         let pos = self.pos;
         let coverage = g.l2_coverage();
         let table_end = (pos | (coverage - 1)).saturating_add(1).min(self.end);
-        let (run_end, kind) = match inner.l2_table(g.l1_index(pos))? {
-            None => (table_end, ExtentKind::Unallocated),
+        let (run_end, kind) = match shared.l2_table(g.l1_index(pos))? {
+            None => (table_end, L2Entry::Unallocated),
             Some(table) => {
-                let slot = inner.slot(&table, g.l2_index(pos))?;
-                let run_end = inner.run_end(&table, pos, table_end, slot)?;
-                let kind = match slot {
-                    Slot::Data(host) => ExtentKind::Data {
-                        host_offset: host + g.offset_in_cluster(pos),
+                let entry = shared.entry(&table, g.l2_index(pos))?;
+                let run_end = shared.run_end(&table, pos, table_end, entry);
+                let kind = match entry {
+                    L2Entry::Data { host_offset } => L2Entry::Data {
+                        host_offset: host_offset + g.offset_in_cluster(pos),
                     },
-                    Slot::Zero => ExtentKind::Zero,
-                    Slot::Unallocated => ExtentKind::Unallocated,
+                    other => other,
                 };
                 (run_end, kind)
             }
@@ -148,19 +161,9 @@ impl Iterator for Extents<'_> {
     }
 }
 
-/// Where a guest range of a backing chain is resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChainKind {
-    /// Data in the layer at `depth`; `host_offset` in that layer's file.
-    Data {
-        /// Host byte offset in the layer's file.
-        host_offset: u64,
-    },
-    /// Zero clusters in the layer at `depth`.
-    Zero,
-    /// No layer holds it (past the end of every backing layer, or no backing): zeros.
-    Unallocated,
-}
+/// Where a guest range of a backing chain is resolved: data or zero clusters in the layer at
+/// `depth`, or [`L2Entry::Unallocated`] where no layer holds it (zeros).
+pub type ChainKind = L2Entry;
 
 /// A guest range resolved through the backing chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,114 +173,174 @@ pub struct ChainExtent {
     /// Length in bytes.
     pub length: u64,
     /// Layer that answered: 0 is this image, 1 its backing file, ...; for
-    /// [`ChainKind::Unallocated`] the number of layers looked through.
+    /// [`ChainKind::Unallocated`] the deepest layer looked at.
     pub depth: usize,
-    /// What it is.
+    /// What it is; `Data` names the host offset in that layer's file.
     pub kind: ChainKind,
 }
 
-impl Image {
-    /// Resolves `[offset, offset + len)` through the whole backing chain.
-    pub fn chain_extents(&self, offset: u64, len: u64) -> Result<Vec<ChainExtent>> {
-        let mut out = Vec::new();
-        self.resolve_into(offset, len, 0, &mut out)?;
-        Ok(out)
-    }
-
-    fn resolve_into(
-        &self,
-        offset: u64,
-        len: u64,
-        depth: usize,
-        out: &mut Vec<ChainExtent>,
-    ) -> Result<()> {
-        for extent in self.extents(offset, len) {
-            let extent = extent?;
-            match extent.kind {
-                ExtentKind::Data { host_offset } => push(
-                    out,
-                    ChainExtent {
-                        offset: extent.offset,
-                        length: extent.length,
-                        depth,
-                        kind: ChainKind::Data { host_offset },
-                    },
-                ),
-                ExtentKind::Zero => push(
-                    out,
-                    ChainExtent {
-                        offset: extent.offset,
-                        length: extent.length,
-                        depth,
-                        kind: ChainKind::Zero,
-                    },
-                ),
-                ExtentKind::Unallocated => {
-                    resolve_backing(self.backing(), extent.offset, extent.length, depth + 1, out)?
-                }
-            }
-        }
-        Ok(())
-    }
+/// Extents of a backing chain over a guest range, merged; see [`Image::chain_extents`].
+pub struct ChainExtents<'a> {
+    image: &'a Image,
+    pos: u64,
+    end: u64,
+    pending: Option<ChainExtent>,
+    error: Option<Error>,
+    /// The last extent found in each layer, by depth: a later step inside it needs no new
+    /// lookup, so every layer is walked once.
+    memo: Vec<Option<Extent>>,
 }
 
-fn resolve_backing(
-    backing: Option<&BackingLayer>,
-    offset: u64,
-    length: u64,
-    depth: usize,
-    out: &mut Vec<ChainExtent>,
-) -> Result<()> {
-    let unallocated = |offset, length, depth| ChainExtent {
-        offset,
-        length,
-        depth,
-        kind: ChainKind::Unallocated,
-    };
-    let Some(layer) = backing else {
-        push(out, unallocated(offset, length, depth - 1));
-        return Ok(());
-    };
-    let end = offset + length;
-    let inside_end = layer.size().clamp(offset, end);
-    if inside_end > offset {
-        match layer {
-            BackingLayer::Raw { .. } => push(
-                out,
-                ChainExtent {
-                    offset,
-                    length: inside_end - offset,
-                    depth,
-                    kind: ChainKind::Data {
-                        host_offset: offset,
-                    },
+/// The extent of `image` alone starting at `pos` (ending at or before `end`), from `memo` when
+/// the last one found there covers `pos`.
+fn layer_extent(
+    image: &Image,
+    pos: u64,
+    end: u64,
+    memo: &mut Option<Extent>,
+) -> Result<Option<Extent>> {
+    if let Some(m) = memo {
+        if m.offset <= pos && pos < m.offset + m.length {
+            let skip = pos - m.offset;
+            let kind = match m.kind {
+                L2Entry::Data { host_offset } => L2Entry::Data {
+                    host_offset: host_offset + skip,
                 },
-            ),
-            BackingLayer::Qed(image) => {
-                image.resolve_into(offset, inside_end - offset, depth, out)?
-            }
+                other => other,
+            };
+            return Ok(Some(Extent {
+                offset: pos,
+                length: (m.offset + m.length).min(end) - pos,
+                kind,
+            }));
         }
     }
-    if inside_end < end {
-        push(out, unallocated(inside_end, end - inside_end, depth));
-    }
-    Ok(())
+    let found = image.extents(pos, end - pos).next().transpose()?;
+    *memo = found;
+    Ok(found)
 }
 
-fn push(out: &mut Vec<ChainExtent>, next: ChainExtent) {
-    if let Some(last) = out.last_mut() {
-        let joins = last.offset + last.length == next.offset
-            && last.depth == next.depth
-            && match (last.kind, next.kind) {
-                (ChainKind::Data { host_offset: a }, ChainKind::Data { host_offset: b }) => {
-                    a + last.length == b
-                }
-                (a, b) => a == b,
-            };
-        if joins {
-            last.length += next.length;
-            return;
+/// The chain extent that starts at `pos` in `image` (at `depth`), ending at or before `end`.
+fn first_in_image(
+    image: &Image,
+    pos: u64,
+    end: u64,
+    depth: usize,
+    memo: &mut [Option<Extent>],
+) -> Result<ChainExtent> {
+    let Some((mine, below)) = memo.split_first_mut() else {
+        return Err(Error::Chain(format!(
+            "backing chain deeper than {MAX_CHAIN_DEPTH}"
+        )));
+    };
+    let extent = match layer_extent(image, pos, end, mine)? {
+        Some(extent) => extent,
+        None => {
+            // The range lies past the end of this image: nothing holds it.
+            return Ok(ChainExtent {
+                offset: pos,
+                length: end - pos,
+                depth,
+                kind: L2Entry::Unallocated,
+            });
+        }
+    };
+    match extent.kind {
+        L2Entry::Unallocated => match image.backing() {
+            None => Ok(ChainExtent {
+                offset: pos,
+                length: extent.length,
+                depth,
+                kind: L2Entry::Unallocated,
+            }),
+            Some(layer) => first_in_layer(&layer, pos, pos + extent.length, depth + 1, below),
+        },
+        kind => Ok(ChainExtent {
+            offset: extent.offset,
+            length: extent.length,
+            depth,
+            kind,
+        }),
+    }
+}
+
+fn first_in_layer(
+    layer: &BackingLayer,
+    pos: u64,
+    end: u64,
+    depth: usize,
+    memo: &mut [Option<Extent>],
+) -> Result<ChainExtent> {
+    let inside_end = layer.size().clamp(pos, end);
+    if inside_end == pos {
+        // Past the end of this layer: zeros.
+        return Ok(ChainExtent {
+            offset: pos,
+            length: end - pos,
+            depth,
+            kind: L2Entry::Unallocated,
+        });
+    }
+    match layer {
+        BackingLayer::Raw { .. } => Ok(ChainExtent {
+            offset: pos,
+            length: inside_end - pos,
+            depth,
+            kind: L2Entry::Data { host_offset: pos },
+        }),
+        BackingLayer::Qed(image) => {
+            first_in_image(image, pos, inside_end, depth, memo).map_err(|e| layer.name_error(e))
         }
     }
-    out.push(next);
+}
+
+impl Iterator for ChainExtents<'_> {
+    type Item = Result<ChainExtent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.error.take() {
+            return Some(Err(e));
+        }
+        let mut current = match self.pending.take() {
+            Some(e) => e,
+            None if self.pos >= self.end => return None,
+            None => match first_in_image(self.image, self.pos, self.end, 0, &mut self.memo) {
+                Ok(e) => {
+                    self.pos = e.offset + e.length;
+                    e
+                }
+                Err(e) => {
+                    self.pos = self.end;
+                    return Some(Err(e));
+                }
+            },
+        };
+        while self.pos < self.end {
+            match first_in_image(self.image, self.pos, self.end, 0, &mut self.memo) {
+                Ok(next) => {
+                    self.pos = next.offset + next.length;
+                    if current.depth == next.depth
+                        && joins(
+                            current.offset,
+                            current.length,
+                            current.kind,
+                            next.offset,
+                            next.kind,
+                        )
+                    {
+                        current.length += next.length;
+                    } else {
+                        self.pending = Some(next);
+                        return Some(Ok(current));
+                    }
+                }
+                Err(e) => {
+                    self.pos = self.end;
+                    self.error = Some(e);
+                    return Some(Ok(current));
+                }
+            }
+        }
+        Some(Ok(current))
+    }
 }

@@ -24,29 +24,41 @@
 //! # }
 //! ```
 
+mod alloc;
 mod backing;
-mod cache;
+mod bitmap;
 mod check;
 mod error;
 mod extent;
+mod gate;
+mod idle;
 mod image;
-mod io;
-mod need_check;
+mod lookup;
+mod options;
+mod read;
+mod shape;
+mod state;
 pub mod storage;
+mod stripe;
 mod table;
+mod tables;
+mod write;
 mod writeback;
+mod zero;
 
 pub use backing::{BackingFormat, BackingLayer, BackingPolicy};
-pub use cache::CacheStats;
 pub use check::{CheckReport, Repair, MAX_FINDINGS};
 pub use error::{Error, Result, TableKind};
-pub use extent::{ChainExtent, ChainKind, Extent, ExtentKind, Extents};
+pub use extent::{ChainExtent, ChainExtents, ChainKind, Extent, ExtentKind, Extents};
 pub use image::{
-    has_qed_magic, probe_format, resolve_backing_path, Image, ImageInfo, OpenOptions,
-    MAX_CHAIN_DEPTH,
+    has_qed_magic, probe_format, resolve_backing_name, resolve_backing_path, Image, MAX_CHAIN_DEPTH,
 };
-pub use qed_format::{self as format, CreateParams, Geometry, Header};
+pub use options::{ImageInfo, OpenOptions};
+pub use qed_format::{self as format, CreateParams, Geometry, Header, L2Entry};
+pub use shape::NewBacking;
 pub use storage::{CacheMode, Storage};
+pub use tables::CacheStats;
+pub use zero::ZeroFlags;
 
 #[cfg(test)]
 mod tests {

@@ -2,10 +2,17 @@
 //! 512-byte chunks (64 entries), the unit in which tables are written back.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
-use qed_format::{ENTRY_SIZE, SECTOR_SIZE};
+use qed_format::{decode_entries, encode_entries, ENTRY_SIZE, SECTOR_SIZE};
+
+use crate::storage::Storage;
+use crate::{Error, Result};
+
+/// Bytes of table read from storage per step when loading a table: the scratch buffer a load
+/// needs besides the table itself.
+const LOAD_STEP: usize = 1 << 20;
 
 /// Entries per 512-byte chunk of a table.
 pub(crate) const ENTRIES_PER_CHUNK: usize = SECTOR_SIZE as usize / ENTRY_SIZE;
@@ -81,30 +88,65 @@ pub(crate) struct ChunkSnapshot {
     pub(crate) bytes: Vec<Vec<u8>>,
 }
 
+/// `len` zeroed entries, or an error instead of an abort when memory runs out.
+fn zeroed(len: usize) -> Result<Box<[AtomicU64]>> {
+    let mut entries = Vec::new();
+    entries
+        .try_reserve_exact(len)
+        .map_err(|_| Error::TooLarge {
+            what: "table in memory",
+            bytes: (len * ENTRY_SIZE) as u64,
+            limit: 0,
+        })?;
+    entries.resize_with(len, || AtomicU64::new(0));
+    Ok(entries.into_boxed_slice())
+}
+
 impl Entries {
-    pub(crate) fn from_le_bytes(bytes: &[u8]) -> Self {
-        let entries: Box<[AtomicU64]> = bytes
-            .chunks_exact(ENTRY_SIZE)
-            .map(|c| {
-                let mut b = [0u8; ENTRY_SIZE];
-                b.copy_from_slice(c);
-                AtomicU64::new(u64::from_le_bytes(b))
-            })
-            .collect();
-        let chunks = entries.len().div_ceil(ENTRIES_PER_CHUNK);
-        Self {
-            entries,
-            dirty: DirtyChunks::new(chunks, false),
+    /// Reads a table of `len` entries at `offset`, decoding it in steps so that the bytes and
+    /// the entries of the whole table never live at once.
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        offset: u64,
+        len: usize,
+        what: &'static str,
+    ) -> Result<Self> {
+        let mut entries = zeroed(len)?;
+        let total = len * ENTRY_SIZE;
+        let mut scratch = vec![0u8; total.min(LOAD_STEP)];
+        let mut done = 0;
+        while done < total {
+            let n = (total - done).min(scratch.len());
+            let at = offset + done as u64;
+            storage
+                .read_at(&mut scratch[..n], at)
+                .map_err(Error::io(what, at))?;
+            decode_entries(&scratch[..n], done / ENTRY_SIZE, |i, raw| {
+                *entries[i].get_mut() = raw;
+            });
+            done += n;
         }
+        Ok(Self {
+            dirty: DirtyChunks::new(len.div_ceil(ENTRIES_PER_CHUNK), false),
+            entries,
+        })
     }
 
     /// A table of zeros that is not on disk yet: every chunk is dirty.
-    pub(crate) fn new_unwritten(len: usize) -> Self {
-        let entries: Box<[AtomicU64]> = (0..len).map(|_| AtomicU64::new(0)).collect();
-        Self {
-            entries,
+    pub(crate) fn new_unwritten(len: usize) -> Result<Self> {
+        Ok(Self {
+            entries: zeroed(len)?,
             dirty: DirtyChunks::new(len.div_ceil(ENTRIES_PER_CHUNK), true),
+        })
+    }
+
+    /// A copy of `other` that is not on disk yet (a table being moved): every chunk is dirty.
+    pub(crate) fn unwritten_copy(other: &Entries) -> Result<Self> {
+        let copy = Self::new_unwritten(other.len())?;
+        for (to, from) in copy.entries.iter().zip(other.entries.iter()) {
+            to.store(from.load(Ordering::Acquire), Ordering::Relaxed);
         }
+        Ok(copy)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -137,10 +179,10 @@ impl Entries {
             .map(|run| {
                 let start = run.start * ENTRIES_PER_CHUNK;
                 let end = (run.end * ENTRIES_PER_CHUNK).min(self.entries.len());
-                let mut out = Vec::with_capacity(run.len() * SECTOR_SIZE as usize);
-                for e in &self.entries[start..end] {
-                    out.extend_from_slice(&e.load(Ordering::Acquire).to_le_bytes());
-                }
+                let mut out = vec![0u8; (end - start) * ENTRY_SIZE];
+                encode_entries(&mut out, |i| {
+                    self.entries[start + i].load(Ordering::Acquire)
+                });
                 out
             })
             .collect();
@@ -165,25 +207,77 @@ struct Claims {
 pub(crate) struct L2Table {
     /// Host offset of the table.
     pub(crate) offset: u64,
+    /// The entries; change them only through [`L2Table::set`] or [`L2Table::settle`].
     pub(crate) entries: Entries,
     /// L2 indexes with an allocation in flight; writers to them wait on `settled`.
     inflight: Mutex<Claims>,
     settled: Condvar,
+    /// Whether the table counts in `dirty_bytes` (set at its first change after a write-back).
+    counted_dirty: AtomicBool,
+    /// Bytes of tables with unwritten changes, shared by every table of one image.
+    dirty_bytes: Arc<AtomicUsize>,
+    /// Used since the eviction clock last passed (second chance).
+    pub(crate) referenced: AtomicBool,
 }
 
 impl L2Table {
-    pub(crate) fn new(offset: u64, entries: Entries) -> Self {
-        Self {
+    /// A table in memory; `dirty_bytes` is the image's counter of tables with unwritten
+    /// changes (a table made of unwritten entries counts at once).
+    pub(crate) fn new(offset: u64, entries: Entries, dirty_bytes: Arc<AtomicUsize>) -> Self {
+        let table = Self {
             offset,
             entries,
             inflight: Mutex::new(Claims::default()),
             settled: Condvar::new(),
+            counted_dirty: AtomicBool::new(false),
+            dirty_bytes,
+            referenced: AtomicBool::new(true),
+        };
+        if table.entries.is_dirty() {
+            table.count_dirty();
         }
+        table
     }
 
     /// Bytes of memory this table holds.
     pub(crate) fn memory_bytes(&self) -> usize {
         self.entries.len() * ENTRY_SIZE
+    }
+
+    fn count_dirty(&self) {
+        if !self.counted_dirty.load(Ordering::Acquire)
+            && !self.counted_dirty.swap(true, Ordering::AcqRel)
+        {
+            self.dirty_bytes
+                .fetch_add(self.memory_bytes(), Ordering::AcqRel);
+        }
+    }
+
+    /// Sets one entry (the caller holds the claim on it, or the image exclusively).
+    pub(crate) fn set(&self, index: usize, value: u64) {
+        self.entries.set(index, value);
+        self.count_dirty();
+    }
+
+    /// Whether the table has changes that are not on disk.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.counted_dirty.load(Ordering::Acquire) || self.entries.is_dirty()
+    }
+
+    /// Takes the dirty chunks for write-back and stops counting the table as dirty (a change
+    /// racing with this counts it again).
+    pub(crate) fn take_dirty(&self) -> Option<ChunkSnapshot> {
+        if self.counted_dirty.swap(false, Ordering::AcqRel) {
+            self.dirty_bytes
+                .fetch_sub(self.memory_bytes(), Ordering::AcqRel);
+        }
+        self.entries.take_dirty()
+    }
+
+    /// Marks the chunks of a failed write-back dirty again.
+    pub(crate) fn restore_dirty(&self, snapshot: &ChunkSnapshot) {
+        self.entries.restore_dirty(snapshot);
+        self.count_dirty();
     }
 
     /// Waits until no allocation overlaps `range`, then lets `decide` look at the entries
@@ -219,7 +313,7 @@ impl L2Table {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(value) = values {
             for i in range.clone() {
-                self.entries.set(i, value(i));
+                self.set(i, value(i));
             }
         }
         if let Some(pos) = inflight.ranges.iter().position(|r| *r == range) {
@@ -240,7 +334,7 @@ mod tests {
 
     #[test]
     fn dirty_runs_coalesce() {
-        let e = Entries::new_unwritten(64 * 3 + 10);
+        let e = Entries::new_unwritten(64 * 3 + 10).unwrap();
         let snap = e.take_dirty().unwrap();
         assert_eq!(snap.runs, vec![0..4]);
         assert_eq!(snap.bytes[0].len(), (64 * 3 + 10) * 8);
@@ -252,5 +346,43 @@ mod tests {
         assert_eq!(snap.runs, vec![0..1, 2..4]);
         e.restore_dirty(&snap);
         assert!(e.is_dirty());
+    }
+
+    #[test]
+    fn tables_count_their_bytes_while_dirty() {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let storage = crate::storage::MemoryStorage::new();
+        let clean = L2Table::new(
+            0,
+            Entries::load(&storage, 0, 512, "read").unwrap(),
+            counter.clone(),
+        );
+        assert_eq!(counter.load(Ordering::Acquire), 0);
+        let fresh = L2Table::new(8192, Entries::new_unwritten(512).unwrap(), counter.clone());
+        assert_eq!(counter.load(Ordering::Acquire), 4096);
+        clean.set(3, 7);
+        clean.set(300, 7);
+        assert_eq!(counter.load(Ordering::Acquire), 8192);
+        let snap = clean.take_dirty().unwrap();
+        assert_eq!(snap.runs, vec![0..1, 4..5]);
+        assert_eq!(counter.load(Ordering::Acquire), 4096);
+        clean.restore_dirty(&snap);
+        assert_eq!(counter.load(Ordering::Acquire), 8192);
+        assert!(fresh.take_dirty().is_some());
+        assert!(clean.take_dirty().is_some());
+        assert_eq!(counter.load(Ordering::Acquire), 0);
+        assert!(!clean.is_dirty() && !fresh.is_dirty());
+    }
+
+    #[test]
+    fn loading_decodes_in_steps() {
+        let storage = crate::storage::MemoryStorage::new();
+        let len = LOAD_STEP / ENTRY_SIZE * 2 + 5;
+        let mut bytes = vec![0u8; len * ENTRY_SIZE];
+        encode_entries(&mut bytes, |i| i as u64 * 3);
+        storage.write_at(&bytes, 4096).unwrap();
+        let e = Entries::load(&storage, 4096, len, "read").unwrap();
+        assert!((0..len).all(|i| e.get(i) == i as u64 * 3));
+        assert!(!e.is_dirty());
     }
 }

@@ -1,47 +1,91 @@
-//! Write-back of metadata and the NEED_CHECK lifecycle: the one module that decides the
-//! order in which things reach the disk.
+//! The one module that decides the order in which things reach the disk: metadata
+//! write-back, NEED_CHECK, header rewrites and changes of the file length.
 //!
 //! New data clusters are written at once; the L2 and L1 entries that point at them live in
 //! memory until a write-back, which runs:
 //!
 //! 1. take the dirty L1 chunks, then the dirty L2 chunks (a table the L1 snapshot points at
 //!    was dirty before its L1 entry was set, so the L2 snapshot includes it);
-//! 2. set NEED_CHECK in the header if it is clear; extend the file over every allocated
-//!    cluster;
-//! 3. **flush** — data, header and file length are durable before any table points at them;
+//! 2. make sure NEED_CHECK is on disk (set and flushed); extend the file over every
+//!    allocated cluster;
+//! 3. **flush** — data and file length are durable before any table points at them;
 //! 4. write the L2 chunks;
 //! 5. **flush** (only if L1 changed) — new L2 tables are durable before the L1 leads to them;
 //! 6. write the L1 chunks; **flush**.
 //!
 //! A crash at any point leaves tables that point only at durable data; what can be lost is
 //! unreferenced clusters (leaks), which the check that NEED_CHECK triggers reclaims.
+//!
+//! NEED_CHECK is set and flushed before the first cluster of a dirty period is handed out and
+//! before the first table write; it is cleared (write-back, header write, flush) only when no
+//! allocation is in flight and nothing is dirty.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use crate::image::Inner;
+use qed_format::{Header, FEATURE_NEED_CHECK, HEADER_LEN, SECTOR_SIZE};
+
+use crate::state::{flag, Shared};
+use crate::storage::Storage;
 use crate::table::{ChunkSnapshot, L2Table};
-use crate::{Error, Image, Result};
+use crate::{Error, Result};
 
-impl Image {
-    /// Makes every completed write durable, and the metadata that reaches it.
-    pub fn flush(&self) -> Result<()> {
-        if self.inner.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Poisoned);
-        }
-        self.inner.write_back()
-    }
+/// Serializes write-backs and coalesces flushes.
+#[derive(Debug, Default)]
+pub(crate) struct FlushState {
+    /// Held by a write-back; the value is the highest flush ticket a finished flush covered.
+    ordering: Mutex<u64>,
+    /// Flush tickets handed out.
+    tickets: AtomicU64,
 }
 
 struct Snapshot {
     l1: Option<ChunkSnapshot>,
-    l2: Vec<(Arc<L2Table>, ChunkSnapshot)>,
+    l2: Vec<(std::sync::Arc<L2Table>, ChunkSnapshot)>,
 }
 
-impl Inner {
+impl Shared {
+    fn ordering(&self) -> MutexGuard<'_, u64> {
+        self.flush
+            .ordering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every write completed before the call durable, with the metadata that reaches it.
+    /// A flush that started after this call and has finished covers it: concurrent flushes
+    /// coalesce into one.
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.health.check()?;
+        let ticket = self.flush.tickets.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut covered = self.ordering();
+        if *covered >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to here was taken after its writes completed; this flush covers them.
+        let upto = self.flush.tickets.load(Ordering::Acquire);
+        self.write_back_locked()?;
+        *covered = upto;
+        Ok(())
+    }
+
     /// Writes dirty tables back in the order above and flushes.
     pub(crate) fn write_back(&self) -> Result<()> {
-        let _ordering = self.writeback.lock().unwrap_or_else(|e| e.into_inner());
+        let _ordering = self.ordering();
+        self.write_back_locked()
+    }
+
+    /// A write-back when the tables with unwritten changes exceed the cache budget, unless one
+    /// is running already.
+    pub(crate) fn relieve_pressure(&self) -> Result<()> {
+        if !self.tables.over_budget() {
+            return Ok(());
+        }
+        let _ordering = match self.flush.ordering.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
         self.write_back_locked()
     }
 
@@ -49,31 +93,36 @@ impl Inner {
         if !self.writable {
             return Ok(());
         }
-        let snapshot = self.take_snapshot();
-        let result = self.write_snapshot(&snapshot);
-        if result.is_err() {
-            // The tables on disk are now behind memory: keep the changes and refuse writes.
-            if let Some(l1) = &snapshot.l1 {
-                self.l1.restore_dirty(l1);
+        let result = {
+            let snapshot = self.take_snapshot();
+            let result = self.write_snapshot(&snapshot);
+            if let Err(e) = &result {
+                // The tables on disk are behind memory: keep the changes and refuse writes.
+                if let Some(l1) = &snapshot.l1 {
+                    self.tables.l1.restore_dirty(l1);
+                }
+                for (table, chunks) in &snapshot.l2 {
+                    table.restore_dirty(chunks);
+                }
+                self.health.poison(e);
             }
-            for (table, chunks) in &snapshot.l2 {
-                table.entries.restore_dirty(chunks);
-            }
-            self.poisoned.store(true, Ordering::Release);
-        } else {
-            self.cache.shrink();
+            result
+            // The snapshot's references go here, so the trim below can evict what it wrote.
+        };
+        if result.is_ok() {
+            self.tables.trim();
         }
         result
     }
 
     fn take_snapshot(&self) -> Snapshot {
         // L1 first: every table it leads to was dirty before its L1 entry was set.
-        let l1 = self.l1.take_dirty();
+        let l1 = self.tables.l1.take_dirty();
         let l2 = self
-            .cache
+            .tables
             .dirty_tables()
             .into_iter()
-            .filter_map(|t| t.entries.take_dirty().map(|c| (t, c)))
+            .filter_map(|t| t.take_dirty().map(|c| (t, c)))
             .collect();
         Snapshot { l1, l2 }
     }
@@ -83,30 +132,38 @@ impl Inner {
         if snapshot.l1.is_none() && snapshot.l2.is_empty() {
             return flush("flush");
         }
-        if !self.need_check_on_disk.load(Ordering::Acquire) {
-            // Tables are about to change: a crash from here on needs a check at open.
-            self.write_need_check(true)?;
-        }
+        // Tables are about to change: a crash from here on needs a check at open.
+        self.need_check_before_change()?;
         self.cover_allocated_clusters()?;
-        // Barrier: data, NEED_CHECK and file length before any table that points at them.
+        // Barrier: data and file length before any table that points at them.
         flush("flush before table write-back")?;
         for (table, chunks) in &snapshot.l2 {
-            write_chunks(self, table.offset, chunks)?;
+            self.write_chunks(table.offset, chunks)?;
         }
         if let Some(l1) = &snapshot.l1 {
             // Barrier: new L2 tables before the L1 entries that lead to them.
             flush("flush before L1 write-back")?;
-            write_chunks(self, self.valid.header().l1_table_offset, l1)?;
+            self.write_chunks(self.valid.header().l1_table_offset, l1)?;
         }
         // Barrier: the tables themselves.
         flush("flush after table write-back")
     }
 
+    fn write_chunks(&self, table_offset: u64, chunks: &ChunkSnapshot) -> Result<()> {
+        for (run, bytes) in chunks.runs.iter().zip(&chunks.bytes) {
+            let at = table_offset + run.start as u64 * SECTOR_SIZE;
+            self.storage
+                .write_at(bytes, at)
+                .map_err(Error::io("write table", at))?;
+        }
+        Ok(())
+    }
+
     /// Extends the file so its length covers every allocated cluster; clusters whose tail was
     /// never written (it reads as zeros) would otherwise be cut by the rounded-down length.
     fn cover_allocated_clusters(&self) -> Result<()> {
-        let _growing = self.file_growth.lock().unwrap_or_else(|e| e.into_inner());
-        let end = self.next_free.load(Ordering::Acquire);
+        let _growing = self.alloc.growth();
+        let end = self.alloc.end();
         let len = self.storage.len().map_err(Error::io("length", 0))?;
         if len < end {
             self.storage
@@ -116,35 +173,162 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes back everything and clears NEED_CHECK if no allocation is in flight.
-    pub(crate) fn mark_clean(&self) -> Result<()> {
-        let _ordering = self.writeback.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_back_locked()?;
-        // Allocation sets the flag under the same lock: an allocation either finished before
-        // (and shows up as in flight or dirty here) or sets the flag again after the clear.
-        let _growing = self.file_growth.lock().unwrap_or_else(|e| e.into_inner());
-        if self.need_check_on_disk.load(Ordering::Acquire)
-            && self.allocations_in_flight.load(Ordering::Acquire) == 0
-            && !self.l1.is_dirty()
-            && self.cache.dirty_bytes() == 0
-        {
-            // Every table on disk is flushed (write_back_locked ended with a flush).
-            self.write_need_check(false)?;
+    /// Makes sure NEED_CHECK is set and flushed before a cluster is handed out or a table
+    /// changes on disk.
+    pub(crate) fn need_check_before_change(&self) -> Result<()> {
+        if self.header.need_check.load(Ordering::SeqCst) == flag::SET {
+            return Ok(());
+        }
+        let _change = self
+            .header
+            .need_check_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.header.need_check.load(Ordering::SeqCst) == flag::SET {
+            return Ok(());
+        }
+        self.health.check()?;
+        let mut header = self.header.current();
+        header.features |= FEATURE_NEED_CHECK;
+        let result = self.write_header(&header).and_then(|()| {
+            // Barrier: the flag before anything it must cover.
             self.storage
                 .flush()
-                .map_err(Error::io("flush after clearing NEED_CHECK", 0))?;
+                .map_err(Error::io("flush after setting NEED_CHECK", 0))
+        });
+        if let Err(e) = &result {
+            self.health.poison(e);
+            return result;
         }
+        self.header.need_check.store(flag::SET, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Writes everything back and clears NEED_CHECK when no allocation is in flight and no
+    /// table is dirty.
+    pub(crate) fn mark_clean(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.health.check()?;
+        let _ordering = self.ordering();
+        self.write_back_locked()?;
+        let _change = self
+            .header
+            .need_check_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.header.need_check.load(Ordering::SeqCst) != flag::SET {
+            return Ok(());
+        }
+        // An allocation that read SET before this store is in flight now (it counted itself
+        // first); one that reads CLEARING waits for the change lock and sets the flag again.
+        self.header
+            .need_check
+            .store(flag::CLEARING, Ordering::SeqCst);
+        if self.alloc.busy() || self.tables.dirty_bytes() > 0 || self.tables.l1.is_dirty() {
+            self.header.need_check.store(flag::SET, Ordering::SeqCst);
+            return Ok(());
+        }
+        let mut header = self.header.current();
+        header.features &= !FEATURE_NEED_CHECK;
+        // Every table on disk is flushed (write_back_locked ended with a flush).
+        let result = self.write_header(&header).and_then(|()| {
+            self.storage
+                .flush()
+                .map_err(Error::io("flush after clearing NEED_CHECK", 0))
+        });
+        match result {
+            Ok(()) => {
+                self.header.need_check.store(flag::CLEAR, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                // The flag on disk is unknown: treat it as set, and refuse further writes.
+                self.header.need_check.store(flag::SET, Ordering::SeqCst);
+                self.health.poison(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the 64 header bytes (bytes after them, such as the backing name, are kept).
+    pub(crate) fn write_header(&self, header: &Header) -> Result<()> {
+        self.storage
+            .write_at(&header.encode(), 0)
+            .map_err(Error::io("write header", 0))?;
+        *self.header.header.lock().unwrap_or_else(|e| e.into_inner()) = *header;
+        Ok(())
+    }
+
+    /// Writes a header that changes the image's shape (size, backing file) and flushes it;
+    /// `name` is written right after the 64 header bytes in the same write when given. The
+    /// caller holds the image exclusively.
+    pub(crate) fn write_shape(&self, header: &Header, name: Option<&[u8]>) -> Result<()> {
+        let _ordering = self.ordering();
+        let mut bytes = header.encode().to_vec();
+        if let Some(name) = name {
+            bytes.extend_from_slice(name);
+        }
+        // One write from offset 0: within a sector (names up to 448 bytes) it is atomic.
+        let result = self
+            .storage
+            .write_at(&bytes, 0)
+            .map_err(Error::io("write header", 0))
+            .and_then(|()| {
+                // Barrier: the new shape is durable before anything relies on it.
+                self.storage
+                    .flush()
+                    .map_err(Error::io("flush after header update", 0))
+            });
+        if let Err(e) = &result {
+            self.health.poison(e);
+            return result;
+        }
+        let mut current = self.header.header.lock().unwrap_or_else(|e| e.into_inner());
+        *current = *header;
+        Ok(())
+    }
+
+    /// Writes a backing file name at `at` (outside the name the header names now) and flushes
+    /// it, before a header that points there is written.
+    pub(crate) fn write_backing_name_at(&self, at: u64, name: &[u8]) -> Result<()> {
+        let _ordering = self.ordering();
+        self.storage
+            .write_at(name, at)
+            .map_err(Error::io("write backing file name", at))?;
+        // Barrier: the name before the header that leads to it.
+        self.storage
+            .flush()
+            .map_err(Error::io("flush after writing the backing file name", 0))
+    }
+
+    /// Cuts the file at `new_end` after a repair freed everything past it, unless a cluster
+    /// was handed out since `expected_end` was read. Returns whether the file was cut.
+    pub(crate) fn truncate_free_tail(&self, expected_end: u64, new_end: u64) -> Result<bool> {
+        let growing = self.alloc.growth();
+        if new_end >= expected_end || self.alloc.end() != expected_end {
+            return Ok(false);
+        }
+        self.storage
+            .set_len(new_end)
+            .map_err(Error::io("truncate", new_end))?;
+        // Barrier: the shorter file before clusters past it are handed out again.
+        self.storage.flush().map_err(Error::io("flush", 0))?;
+        self.alloc.truncated(&growing, new_end);
+        Ok(true)
     }
 }
 
-fn write_chunks(inner: &Inner, table_offset: u64, chunks: &ChunkSnapshot) -> Result<()> {
-    for (run, bytes) in chunks.runs.iter().zip(&chunks.bytes) {
-        let at = table_offset + run.start as u64 * qed_format::SECTOR_SIZE;
-        inner
-            .storage
-            .write_at(bytes, at)
-            .map_err(Error::io("write table", at))?;
+/// Clears unknown autoclear feature bits at a writable open, before anything else is written
+/// (a writer that does not understand them must clear them).
+pub(crate) fn clear_autoclear(storage: &dyn Storage, header: &mut Header) -> Result<()> {
+    if header.autoclear_features == 0 {
+        return Ok(());
     }
-    Ok(())
+    header.autoclear_features = 0;
+    storage
+        .write_at(&header.encode()[..HEADER_LEN], 0)
+        .map_err(Error::io("write header", 0))?;
+    storage.flush().map_err(Error::io("flush", 0))
 }

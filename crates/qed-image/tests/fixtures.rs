@@ -564,7 +564,7 @@ fn backing_overlay_with_raw_backing() {
         info.backing_path.as_deref(),
         Some(dir.path().join("backing-base.raw").as_path())
     );
-    match image.backing() {
+    match image.backing().as_deref() {
         Some(BackingLayer::Raw { len, .. }) => assert_eq!(*len, 262144),
         other => panic!("expected a raw backing layer, got {other:?}"),
     }
@@ -622,7 +622,8 @@ fn chain_top_probes_qed_backing() {
     assert_eq!(info.backing_file.as_deref(), Some("chain-base.qed"));
     // Not recorded in the header: found by probing.
     assert_eq!(info.backing_format, None);
-    let Some(layer @ BackingLayer::Qed(base)) = top.backing() else {
+    let backing = top.backing();
+    let Some(layer @ BackingLayer::Qed(base)) = backing.as_deref() else {
         panic!(
             "expected a probed QED backing layer, got {:?}",
             top.backing()

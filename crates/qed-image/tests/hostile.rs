@@ -123,18 +123,19 @@ fn cases() -> Vec<Case> {
         case("l1-duplicate-past-eof.qed")
             .corrupt(L2, 3, 0)
             .repaired(7, 0),
+        // Shared tables of L1 entries past the end of the disk are cleared, not copied.
         case("l1-duplicate-many.qed")
             .corrupt("", 6, 0)
-            .repaired(15, 0),
+            .repaired(9, 0),
         case("l1-l2-cycle.qed").corrupt(L2, 4, 0).repaired(1028, 0),
         case("l1-past-eof.qed").corrupt(L1, 2, 0).repaired(2, 0),
         case("l1-entry-one.qed").corrupt(L1, 1, 0).repaired(1, 0),
         case("l1-unaligned.qed").corrupt(L1, 1, 0).repaired(1, 0),
         case("l1-near-u64-max.qed").corrupt(L1, 3, 0).repaired(3, 0),
-        Case {
-            repaired: None,
-            ..case("l1-l2-duplicate-all.qed").corrupt("", 3069, 0)
-        },
+        // Only the aliases inside the virtual disk get copies: the repair finishes.
+        case("l1-l2-duplicate-all.qed")
+            .corrupt("", 3069, 0)
+            .repaired(4093, 0),
         // L2 entries pointing where they must not.
         case("l2-to-l2.qed").corrupt("", 2, 0).repaired(2, 0),
         case("l2-to-header.qed").corrupt(L2, 1, 0).repaired(1, 0),
@@ -169,8 +170,10 @@ fn cases() -> Vec<Case> {
         // Backing file names and chains.
         case("backing-name-outside-header.qed").fails("Format::BackingNameOutsideHeader"),
         case("backing-name-u32-max.qed").fails("Format::BackingNameOutsideHeader"),
-        case("backing-name-whole-cluster.qed").fails("Backing(Io::InvalidInput)"),
-        case("backing-name-nul.qed").fails("Backing(Io::InvalidInput)"),
+        // The stored size covers NUL padding; the name ends at the first NUL.
+        case("backing-name-whole-cluster.qed"),
+        // The name ends at its NUL, as QEMU reads it: the backing file is valid.qed.
+        case("backing-name-nul.qed"),
         case("backing-name-not-utf8.qed").fails("Backing(Io::NotFound)"),
         case("backing-raw-missing.qed").fails("Backing(Io::NotFound)"),
         case("backing-loop-self.qed").fails("Chain"),
@@ -473,21 +476,66 @@ fn run_every_case() {
 }
 
 #[test]
-fn repair_copies_are_bounded() {
+fn aliases_past_the_end_of_the_disk_are_cleared_not_copied() {
     use qed_image::storage::MemoryStorage;
     use std::sync::Arc;
     // Every L1 entry shares one L2 table whose every entry shares one data cluster: giving
-    // each reference its own copy would write 4 GiB.
+    // each reference its own copy would write 4 GiB. Only the references inside the virtual
+    // disk get copies; the rest are cleared.
     let bytes = std::fs::read(Path::new(DATA).join("l1-l2-duplicate-all.qed")).expect("read");
     let len = bytes.len() as u64;
     let storage = Arc::new(MemoryStorage::from_bytes(bytes));
     let image = Image::open_storage(Box::new(storage.clone()), &OpenOptions::read_write(), None)
         .expect("open");
+    let size = image.size();
+    let report = image.check(Repair::All).expect("repair");
+    assert_eq!(report.corruptions, 0, "{report:?}");
+    let again = image.check(Repair::None).expect("check");
+    assert!(again.is_clean(), "{again:?}");
+    image.close().expect("close");
+    let grown = storage.to_bytes().len() as u64;
+    // At most one copy per cluster of the virtual disk, plus its tables.
+    assert!(grown <= len + size + (1 << 20), "file grew to {grown}");
+}
+
+#[test]
+fn a_repair_that_would_grow_too_far_changes_nothing() {
+    use qed_image::storage::MemoryStorage;
+    use std::sync::Arc;
+    // 64 KiB clusters: one table maps 2 GiB; all 32768 entries alias one cluster, so copies
+    // for each would write 2 GiB, past the bound (64 MiB for a small file).
+    let storage = Arc::new(MemoryStorage::new());
+    Image::create_on(
+        &*storage,
+        &qed_image::CreateParams {
+            image_size: 2 << 30,
+            cluster_size: 65536,
+            table_size: 4,
+            backing_file: None,
+            backing_raw: false,
+        },
+    )
+    .expect("create");
+    let image = Image::open_storage(Box::new(storage.clone()), &OpenOptions::read_write(), None)
+        .expect("open");
+    image.write_at(&[7; 65536], 0).expect("write");
+    image.close().expect("close");
+    let mut bytes = storage.to_bytes();
+    let l2 = u64::from_le_bytes(bytes[65536..65544].try_into().unwrap()) as usize;
+    let data = bytes[l2..l2 + 8].to_vec();
+    for entry in 1..32768 {
+        bytes[l2 + entry * 8..l2 + entry * 8 + 8].copy_from_slice(&data);
+    }
+    let storage = Arc::new(MemoryStorage::from_bytes(bytes.clone()));
+    let image = Image::open_storage(Box::new(storage.clone()), &OpenOptions::read_write(), None)
+        .expect("open");
     let err = image.check(Repair::All).expect_err("repair must refuse");
     assert!(matches!(err, Error::TooLarge { .. }), "{err}");
-    drop(image);
-    let grown = storage.to_bytes().len() as u64;
-    assert!(grown <= len + (64 << 20) + 8192, "file grew to {grown}");
+    image.close().expect("close");
+    assert!(
+        storage.to_bytes() == bytes,
+        "the refused repair changed the file"
+    );
 }
 
 #[test]

@@ -43,6 +43,12 @@ pub trait Storage: Send + Sync {
     /// Truncates or extends to `len` bytes (new bytes read as zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
 
+    /// Makes `[offset, offset + len)` read as zeros, keeping its space allocated where the
+    /// storage can. Grows the storage to `offset + len` like a write would.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zero_bytes(self, offset, len)
+    }
+
     /// Gives the space of `[offset, offset + len)` back, leaving zeros there. The length of the
     /// storage does not change. Storages that cannot do this write zeros instead.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -56,6 +62,20 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+}
+
+/// A block of zeros to write from, so writing zeros allocates nothing.
+pub(crate) static ZERO_BLOCK: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Writes `len` zero bytes at `offset` through `write_at`.
+pub fn write_zero_bytes<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_BLOCK.len() as u64);
+        storage.write_at(&ZERO_BLOCK[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -76,5 +96,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
     }
 }

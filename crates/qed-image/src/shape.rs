@@ -1,0 +1,214 @@
+//! Changes of an image's shape: its virtual size and its backing file. Each holds the image
+//! exclusively (the I/O gate), so no request sees half a change.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use qed_format::{
+    Header, L2Entry, FEATURE_BACKING_FILE, FEATURE_BACKING_FORMAT_NO_PROBE, HEADER_LEN, SECTOR_SIZE,
+};
+
+use crate::backing::{BackingFormat, BackingLayer};
+use crate::check::Repair;
+use crate::image::resolve_backing_name;
+use crate::state::Shared;
+use crate::{Error, Image, OpenOptions, Result};
+
+/// A backing file for [`Image::set_backing`].
+#[derive(Debug)]
+pub struct NewBacking {
+    /// The name to store (resolved against the image's directory when relative).
+    pub name: Vec<u8>,
+    /// The format to record: [`BackingFormat::Raw`] sets BACKING_FORMAT_NO_PROBE; anything
+    /// else leaves the format to probing, as QEMU does.
+    pub format: Option<BackingFormat>,
+    /// The layer to read from from now on. `None` opens the named file (read-only) when the
+    /// image was opened from a path; an image on other storage then reads zeros there.
+    pub layer: Option<BackingLayer>,
+}
+
+impl Image {
+    /// Changes the virtual size. Growing writes the new size into the header. Shrinking
+    /// (which QEMU cannot do for QED) writes the new size, drops the entries past it, zeroes
+    /// the tail of a last partial cluster and gives the space back (data moved down, the file
+    /// cut), in an order that a crash at any point leaves repairable: NEED_CHECK is on disk
+    /// before the first entry is dropped.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.shared.check_writable()?;
+        let _all = self.shared.gate.exclusive();
+        self.shared.resize(new_size)
+    }
+
+    /// Points the image at another backing file, or at none (`None`: the image stands alone;
+    /// unallocated clusters read as zeros), rewriting the header and name in one write at the
+    /// start of the file, as `qemu-img rebase -u` does. The guest view changes accordingly:
+    /// copying what differs first (a safe rebase) is the caller's part.
+    pub fn set_backing(&self, new: Option<NewBacking>) -> Result<()> {
+        self.shared.check_writable()?;
+        let _all = self.shared.gate.exclusive();
+        self.shared.set_backing(new)
+    }
+}
+
+impl Shared {
+    fn resize(&self, new_size: u64) -> Result<()> {
+        let g = self.geometry;
+        if new_size % SECTOR_SIZE != 0 || u128::from(new_size) > g.max_image_size() {
+            return Err(Error::InvalidArgument(format!(
+                "size {new_size} is not a multiple of 512 of at most {} bytes",
+                g.max_image_size()
+            )));
+        }
+        let old_size = self.size.load(Ordering::Acquire);
+        if new_size == old_size {
+            return Ok(());
+        }
+        self.write_back()?;
+        let mut header = self.header.current();
+        header.image_size = new_size;
+        if new_size > old_size {
+            // Entries past the old end (none in an image this engine wrote) must not appear.
+            self.drop_entries_from(old_size)?;
+            self.write_back()?;
+            self.write_shape(&header, None)?;
+            self.size.store(new_size, Ordering::Release);
+            return Ok(());
+        }
+        // A crash from here on leaves entries past the end or leaks: the check at the next
+        // open clears and reclaims them.
+        self.need_check_before_change()?;
+        self.write_shape(&header, None)?;
+        self.size.store(new_size, Ordering::Release);
+        self.drop_entries_from(new_size)?;
+        self.write_back()?;
+        let report = self.check(Repair::All)?;
+        if report.corruptions > 0 || report.check_errors > 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the image was shrunk but its repair left {} corruptions and {} check errors",
+                report.corruptions, report.check_errors
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops every entry that maps guest bytes at or past `from`, and zeroes the rest of the
+    /// cluster that holds `from` (so growing again shows zeros there).
+    fn drop_entries_from(&self, from: u64) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        if from % cs != 0 {
+            if let Some(table) = self.l2_table(g.l1_index(from))? {
+                if let L2Entry::Data { host_offset } = self.entry(&table, g.l2_index(from))? {
+                    let at = host_offset + g.offset_in_cluster(from);
+                    let len = cs - g.offset_in_cluster(from);
+                    self.storage
+                        .write_zeroes(at, len)
+                        .map_err(Error::io("write zeroes", at))?;
+                }
+            }
+        }
+        let first_cluster = g.align_up(from);
+        let coverage = g.l2_coverage();
+        let first_whole_table = first_cluster.div_ceil(coverage) as usize;
+        if first_cluster % coverage != 0 {
+            if let Some(table) = self.l2_table_owned(g.l1_index(first_cluster))? {
+                for index in g.l2_index(first_cluster)..table.entries.len() {
+                    if table.entries.get(index) != 0 {
+                        table.set(index, 0);
+                    }
+                }
+            }
+        }
+        for l1_index in first_whole_table..self.tables.l1.len() {
+            if self.tables.l1.get(l1_index) != 0 {
+                self.tables.forget(l1_index);
+                self.tables.l1.set(l1_index, 0);
+            }
+        }
+        self.activity.touch();
+        Ok(())
+    }
+
+    fn set_backing(&self, new: Option<NewBacking>) -> Result<()> {
+        let old = self.header.current();
+        let mut header: Header = old;
+        header.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
+        let name_offset = HEADER_LEN as u64;
+        let header_bytes = self.valid.header_bytes();
+        let (name, layer) = match new {
+            None => {
+                header.backing_filename_offset = name_offset as u32;
+                header.backing_filename_size = 0;
+                (None, None)
+            }
+            Some(new) => {
+                if new.name.is_empty() || new.name.contains(&0) {
+                    return Err(Error::InvalidArgument(
+                        "a backing file name must be non-empty and hold no NUL".into(),
+                    ));
+                }
+                if old.compat_features != 0 {
+                    // Unknown compatible features may own the bytes after the header.
+                    return Err(Error::Unsupported(format!(
+                        "cannot set a backing file with unknown compatible features {:#x}",
+                        old.compat_features
+                    )));
+                }
+                let len = new.name.len() as u64;
+                if name_offset + len > header_bytes {
+                    return Err(Error::InvalidArgument(format!(
+                        "No space left in the file header: a backing file name of {len} bytes \
+                         does not fit in {header_bytes} bytes"
+                    )));
+                }
+                header.features |= FEATURE_BACKING_FILE;
+                if new.format == Some(BackingFormat::Raw) {
+                    header.features |= FEATURE_BACKING_FORMAT_NO_PROBE;
+                }
+                header.backing_filename_size = len as u32;
+                header.backing_filename_offset = name_offset as u32;
+                let layer = match (new.layer, &self.path) {
+                    (Some(layer), _) => Some(layer),
+                    (None, Some(path)) => {
+                        let resolved = resolve_backing_name(path, &new.name);
+                        let options = OpenOptions {
+                            cache: crate::storage::CacheMode::Writeback,
+                            ..OpenOptions::read_only()
+                        };
+                        Some(BackingLayer::open(&resolved, new.format, &options)?)
+                    }
+                    (None, None) => None,
+                };
+                (Some(new.name), layer)
+            }
+        };
+        match &name {
+            // Header and name in one sector: one write, which lands whole or not at all.
+            Some(n) if name_offset + n.len() as u64 <= SECTOR_SIZE => {
+                self.write_shape(&header, Some(n))?
+            }
+            Some(n) => {
+                // A longer name goes where the old one is not, then the header points at it,
+                // so a crash leaves the old header with the old name, or the new with the new.
+                let old_end =
+                    u64::from(old.backing_filename_offset) + u64::from(old.backing_filename_size);
+                let at = old_end.max(SECTOR_SIZE);
+                if at + n.len() as u64 <= header_bytes {
+                    header.backing_filename_offset = at as u32;
+                    self.write_backing_name_at(at, n)?;
+                    self.write_shape(&header, None)?;
+                } else {
+                    self.write_shape(&header, Some(n))?;
+                }
+            }
+            None => self.write_shape(&header, None)?,
+        }
+        *self
+            .header
+            .backing_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = name;
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = layer.map(Arc::new);
+        Ok(())
+    }
+}
