@@ -1,9 +1,12 @@
 //! Positional storage underneath an image: a file, memory, or a test double.
 //!
 //! Every byte the engine reads or writes goes through [`Storage`], so crash-simulating and
-//! fault-injecting storages can stand in for a file in tests.
+//! fault-injecting storages can stand in for a file in tests. Those two (`CrashStorage` and
+//! `FaultStorage`, with their helper types) are built only with the `test-utils` feature.
 
+#[cfg(feature = "test-utils")]
 mod crash;
+#[cfg(feature = "test-utils")]
 mod fault;
 mod file;
 mod lock;
@@ -11,9 +14,11 @@ mod memory;
 
 use std::io;
 
+#[cfg(feature = "test-utils")]
 pub use crash::{
     CrashKind, CrashOp, CrashOptions, CrashState, CrashStates, CrashStorage, LoggedOp,
 };
+#[cfg(feature = "test-utils")]
 pub use fault::{Fault, FaultStorage, OpCounts, OpKind, OpKinds};
 pub use file::{CacheMode, FileOptions, FileStorage};
 pub use lock::{LockMode, QemuLock};
