@@ -431,6 +431,9 @@ mod tests {
         file.read_at(&mut buf, 3).unwrap();
         assert_eq!(&buf, b"3456");
         assert!(file.write_at(b"x", 0).is_err());
+        assert!(file.write_zeroes(0, 1).is_err());
+        assert!(file.write_zeroes(7, 100).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
 
 use self::direct::{Direct, ALIGN, BOUNCE_MAX, DIRECT_ALIGN};
 use super::lock::{LockMode, QemuLock};
@@ -115,7 +116,8 @@ impl FileStorage {
         })
     }
 
-    /// The open file (opened with `O_DIRECT` under [`CacheMode::None`]).
+    /// The open file (opened with `O_DIRECT` under [`CacheMode::None`]). Its file position
+    /// means nothing: the storage does positional I/O and seeks only to find holes.
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -204,13 +206,101 @@ impl Storage for FileStorage {
             Err(errno) => Err(errno.into()),
         }
     }
+
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)`, which leaves the blocks allocated (as unwritten
+    /// extents) and grows the file to `offset + len` if it is shorter. Where the file system
+    /// refuses it, zeros are written instead; past the end of the file that takes a single
+    /// byte, since a file grows with zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))
+            .and_then(|len| request_end(offset, len))?;
+        // As for a hole: the file system zeroes partial blocks at the edges in place.
+        let guards = self
+            .direct
+            .as_ref()
+            .map(|direct| direct.lock_edges(offset, end));
+        let mode = FallocateFlags::FALLOC_FL_ZERO_RANGE;
+        match fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) {
+            Ok(()) => Ok(()),
+            // Some file systems answer EINVAL for byte ranges that are not block aligned,
+            // though fallocate(2) does not list that; the arguments were checked above.
+            Err(Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL) => {
+                drop(guards);
+                self.zero_fill(offset, end)
+            }
+            Err(errno) => Err(errno.into()),
+        }
+    }
+
+    /// `lseek(SEEK_DATA)`. File systems without hole support answer as if the whole file
+    /// were data; so does one that refuses the call with `EINVAL` (an old kernel).
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        // The file cannot be longer than `off_t` reaches.
+        let Ok(pos) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        match lseek(self.file.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(data) => Ok(Some(data as u64)),
+            // At or past the end of the file, or only a hole from `offset` on.
+            Err(Errno::ENXIO) => Ok(None),
+            Err(Errno::EINVAL) => Ok((offset < self.len()?).then_some(offset)),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+
+    /// `lseek(SEEK_HOLE)`; the end of the file is the start of a hole.
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        let Ok(pos) = libc::off_t::try_from(offset) else {
+            return Ok(offset);
+        };
+        match lseek(self.file.as_raw_fd(), pos, Whence::SeekHole) {
+            Ok(hole) => Ok(hole as u64),
+            // At or past the end of the file: that is a hole.
+            Err(Errno::ENXIO) => Ok(offset),
+            Err(Errno::EINVAL) => Ok(offset.max(self.len()?)),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+
+    /// 4096 under `O_DIRECT` (smaller or unaligned requests need a bounce buffer or a
+    /// read-modify-write), else 1.
+    fn alignment(&self) -> u64 {
+        match self.direct {
+            Some(_) => ALIGN,
+            None => 1,
+        }
+    }
 }
 
 impl FileStorage {
+    /// Makes `[offset, end)` read as zeros by writing them, growing the file to `end` if it
+    /// is shorter (the fallback of `write_zeroes`). Only the part inside the file is written;
+    /// beyond it one zero byte at `end - 1` grows the file. (Unlike `set_len`, that cannot
+    /// cut off a concurrent write past `end`.)
+    fn zero_fill(&self, offset: u64, end: u64) -> io::Result<()> {
+        if offset >= end {
+            return Ok(());
+        }
+        let len = self.len()?;
+        self.write_zeros(offset, end.min(len))?;
+        if end > len {
+            self.write_at(&[0], end - 1)?;
+        }
+        Ok(())
+    }
+
     /// Writes zeros over `[offset, end)` clipped to the current length (a punched hole never
     /// grows the file).
     fn write_zeros_within(&self, offset: u64, end: u64) -> io::Result<()> {
-        let end = end.min(self.len()?);
+        self.write_zeros(offset, end.min(self.len()?))
+    }
+
+    /// Writes zeros over `[offset, end)`.
+    fn write_zeros(&self, offset: u64, end: u64) -> io::Result<()> {
         if offset >= end {
             return Ok(());
         }
@@ -253,6 +343,7 @@ fn request_end(offset: u64, len: usize) -> io::Result<u64> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+    use std::sync::Arc;
 
     /// A temporary directory on a file system that accepts O_DIRECT (not every tmpfs does).
     pub(super) fn direct_dir() -> tempfile::TempDir {
@@ -328,6 +419,183 @@ mod tests {
         file.read_at(&mut buf, 0).unwrap();
         assert!(buf[..9_000].iter().all(|&b| b == 5));
         assert!(buf[9_000..].iter().all(|&b| b == 0));
+    }
+
+    /// Whether the file system under `dir` reports a punched hole through `SEEK_HOLE` and
+    /// `SEEK_DATA` (asked with raw calls, independently of [`FileStorage`]); if not, why.
+    fn hole_support(dir: &Path) -> Result<(), String> {
+        const K: usize = 65_536;
+        let path = dir.join("hole-probe");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| format!("creating a probe file: {e}"))?;
+        file.write_all_at(&[1; 3 * K], 0)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("writing the probe file: {e}"))?;
+        let fd = file.as_raw_fd();
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        fallocate(fd, mode, K as i64, K as i64).map_err(|e| format!("punching a hole: {e}"))?;
+        let hole = lseek(fd, 0, Whence::SeekHole).map_err(|e| format!("SEEK_HOLE: {e}"))?;
+        let data = lseek(fd, K as i64, Whence::SeekData).map_err(|e| format!("SEEK_DATA: {e}"))?;
+        if (hole, data) != (K as i64, 2 * K as i64) {
+            return Err(format!(
+                "around a hole punched at 64..128 KiB, SEEK_HOLE from 0 answers {hole} and \
+                 SEEK_DATA from 64 KiB answers {data}"
+            ));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn punched_ranges_are_holes_and_written_ranges_data() {
+        const K: u64 = 65_536;
+        for cache in [CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe] {
+            let dir = direct_dir();
+            let support = hole_support(dir.path());
+            let file = FileStorage::open(&dir.path().join("img"), &options(cache)).unwrap();
+            file.write_at(&vec![3; 4 * K as usize], 0).unwrap();
+            file.punch_hole(K, 2 * K).unwrap(); // a hole at [64 KiB, 192 KiB)
+            file.set_len(8 * K).unwrap(); // and at [256 KiB, 512 KiB), the end
+            let c = format!("{cache:?}");
+
+            // On every file system: data is never a hole, past the end is.
+            assert!(!file.is_hole(0, 4096).unwrap(), "{c}");
+            assert!(!file.is_hole(K - 1, 2).unwrap(), "{c}");
+            assert!(!file.is_hole(2 * K, 2 * K).unwrap(), "{c}");
+            assert!(!file.is_hole(3 * K, K).unwrap(), "{c}");
+            assert_eq!(file.next_data(0).unwrap(), Some(0), "{c}");
+            assert_eq!(file.next_data(3 * K + 5).unwrap(), Some(3 * K + 5), "{c}");
+            assert_eq!(file.next_data(8 * K).unwrap(), None, "{c}");
+            assert_eq!(file.next_data(100 * K).unwrap(), None, "{c}");
+            assert_eq!(file.next_hole(8 * K).unwrap(), 8 * K, "{c}");
+            assert_eq!(file.next_hole(8 * K + 3).unwrap(), 8 * K + 3, "{c}");
+            assert!(file.is_hole(8 * K, 100).unwrap(), "{c}");
+            assert!(file.is_hole(0, 0).unwrap(), "{c}");
+
+            match &support {
+                Ok(()) => {
+                    assert!(file.is_hole(K, 2 * K).unwrap(), "{c}");
+                    assert!(file.is_hole(K + 100, 10).unwrap(), "{c}");
+                    assert!(!file.is_hole(K, 2 * K + 1).unwrap(), "{c}");
+                    assert_eq!(file.next_hole(0).unwrap(), K, "{c}");
+                    assert_eq!(file.next_hole(K + 7).unwrap(), K + 7, "{c}");
+                    assert_eq!(file.next_data(K).unwrap(), Some(3 * K), "{c}");
+                    assert_eq!(file.next_hole(3 * K).unwrap(), 4 * K, "{c}");
+                    assert_eq!(file.next_data(4 * K).unwrap(), None, "{c}");
+                    assert!(file.is_hole(4 * K, 4 * K).unwrap(), "{c}");
+                    assert!(file.is_hole(5 * K, 100 * K).unwrap(), "{c}");
+                }
+                Err(why) => eprintln!(
+                    "{c}: not checking that holes are found, {} does not report them: {why}",
+                    dir.path().display()
+                ),
+            }
+        }
+    }
+
+    /// Zeroes ranges inside, across and past the end of a file in `dir` and checks the
+    /// contents and the length.
+    fn check_write_zeroes(dir: &Path, cache: CacheMode) {
+        let path = dir.join("img");
+        let file = FileStorage::open(&path, &options(cache)).unwrap();
+        let c = format!("{cache:?} in {}", dir.display());
+        let mut want: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        file.write_at(&want, 0).unwrap();
+        // Unaligned, aligned, inside one block, across a block boundary, empty.
+        for (offset, len) in [(1000, 70_000), (131_072, 65_536), (200_001, 3), (4095, 2)] {
+            file.write_zeroes(offset as u64, len as u64).unwrap();
+            want[offset..offset + len].fill(0);
+        }
+        file.write_zeroes(10, 0).unwrap();
+        assert_eq!(file.len().unwrap(), 300_000, "{c}");
+        // A write next to zeroed bytes (a read-modify-write under O_DIRECT) keeps them.
+        file.write_at(b"xyz", 1500).unwrap();
+        want[1500..1503].copy_from_slice(b"xyz");
+        // Across and past the end: the file grows to exactly `offset + len`.
+        file.write_zeroes(299_000, 50_001).unwrap();
+        want[299_000..].fill(0);
+        want.resize(349_001, 0);
+        assert_eq!(file.len().unwrap(), 349_001, "{c}");
+        file.write_zeroes(400_000, 5_003).unwrap();
+        want.resize(405_003, 0);
+        assert_eq!(file.len().unwrap(), 405_003, "{c}");
+        file.write_zeroes(500_000, 0).unwrap();
+        assert_eq!(file.len().unwrap(), 405_003, "{c}");
+
+        let mut got = vec![0xff; want.len()];
+        file.read_at(&mut got, 0).unwrap();
+        assert!(got == want, "{c}");
+        file.flush().unwrap();
+        drop(file);
+        assert!(std::fs::read(&path).unwrap() == want, "{c}");
+    }
+
+    #[test]
+    fn write_zeroes_reads_zeros_and_grows_like_a_write() {
+        for cache in [CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe] {
+            check_write_zeroes(direct_dir().path(), cache);
+        }
+        // tmpfs has no FALLOC_FL_ZERO_RANGE: the fallback that writes zeros.
+        if let Ok(dir) = tempfile::tempdir_in("/dev/shm") {
+            check_write_zeroes(dir.path(), CacheMode::Writeback);
+        }
+    }
+
+    #[test]
+    fn zero_fill_fallback_grows_exactly_to_the_end() {
+        let dir = direct_dir();
+        let path = dir.path().join("img");
+        let file = FileStorage::open(&path, &options(CacheMode::None)).unwrap();
+        file.write_at(&[5; 10_000], 0).unwrap();
+        file.zero_fill(9_000, 9_500).unwrap();
+        assert_eq!(file.len().unwrap(), 10_000);
+        file.zero_fill(9_800, 12_345).unwrap();
+        assert_eq!(file.len().unwrap(), 12_345);
+        file.zero_fill(20_001, 20_003).unwrap();
+        assert_eq!(file.len().unwrap(), 20_003);
+        file.zero_fill(30_000, 30_000).unwrap();
+        assert_eq!(file.len().unwrap(), 20_003);
+        let mut buf = vec![0xff; 20_003];
+        file.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..9_000].iter().all(|&b| b == 5));
+        assert!(buf[9_000..9_500].iter().all(|&b| b == 0));
+        assert!(buf[9_500..9_800].iter().all(|&b| b == 5));
+        assert!(buf[9_800..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn alignment_is_the_direct_block_only_under_o_direct() {
+        for (cache, want) in [
+            (CacheMode::Writeback, 1),
+            (CacheMode::None, 4096),
+            (CacheMode::Unsafe, 1),
+        ] {
+            let dir = direct_dir();
+            let file = FileStorage::open(&dir.path().join("img"), &options(cache)).unwrap();
+            assert_eq!(file.alignment(), want, "{cache:?}");
+            assert_eq!(Storage::alignment(&Arc::new(file)), want, "{cache:?}");
+        }
+    }
+
+    #[test]
+    fn hole_queries_and_zeroes_near_off_t_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            FileStorage::open(&dir.path().join("img"), &options(CacheMode::Writeback)).unwrap();
+        file.write_at(b"x", 0).unwrap();
+        assert_eq!(file.next_data(i64::MAX as u64).unwrap(), None);
+        assert_eq!(file.next_data(u64::MAX).unwrap(), None);
+        assert_eq!(file.next_hole(u64::MAX).unwrap(), u64::MAX);
+        assert!(file.is_hole(u64::MAX - 1, 10).unwrap());
+        for (offset, len) in [(u64::MAX - 1, 3), (i64::MAX as u64 - 10, 5)] {
+            let err = file.write_zeroes(offset, len).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+        assert_eq!(file.len().unwrap(), 1);
     }
 
     #[test]
