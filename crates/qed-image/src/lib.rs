@@ -23,6 +23,13 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Cargo features
+//!
+//! * `test-utils` (off by default): the test storages `storage::CrashStorage`, which records
+//!   every change and rebuilds the disk as a power loss at any point could leave it, and
+//!   `storage::FaultStorage`, which fails chosen storage calls, with their helper types. They
+//!   are for tests and are not part of the release API.
 
 mod alloc;
 mod backing;

@@ -1,7 +1,8 @@
 //! A storage that records every change and rebuilds the disk as a power loss would leave it.
 //!
 //! [`CrashStorage`] keeps a live copy of the disk in memory (reads see every completed write)
-//! and a log of every `write_at`, `set_len`, `punch_hole` and `flush`, in call order. Each
+//! and a log of every `write_at`, `set_len`, `punch_hole` and `flush`, in call order
+//! (`write_zeroes` keeps the default and is logged as the writes of zeros it makes). Each
 //! entry carries its flush epoch: the number of flushes completed before it was issued.
 //!
 //! A crash after the first `cut` operations of the log keeps everything before the last
@@ -618,6 +619,25 @@ mod tests {
             }
             assert!((1..4).contains(&landed));
         }
+    }
+
+    #[test]
+    fn write_zeroes_is_logged_as_writes_of_zeros() {
+        let s = CrashStorage::new(vec![9; 1024]);
+        s.flush().unwrap();
+        s.write_zeroes(1000, 100).unwrap();
+        let mut want = vec![9; 1000];
+        want.resize(1100, 0);
+        assert_eq!(s.contents(), want);
+        let log = s.log();
+        assert_eq!(log.len(), 2);
+        assert!(
+            matches!(&log[1].op, CrashOp::Write { offset: 1000, data } if data[..] == [0; 100])
+        );
+        // A crash before it reached the disk leaves the old bytes.
+        let states: Vec<CrashState> = s.crash_states(&CrashOptions::default()).collect();
+        assert!(states.iter().any(|st| st.bytes == [9; 1024]));
+        assert!(states.iter().any(|st| st.bytes == want));
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! A storage that fails chosen calls, for testing error paths.
 //!
-//! [`FaultStorage`] wraps any [`Storage`], counts every call by kind, and can be armed with a
-//! [`Fault`]: the `nth` call (1-based) among the calls of the selected kinds returns an
-//! `io::Error` instead of reaching the inner storage (and, if the fault is persistent, every
-//! later call of those kinds does too). A test first runs a workload unarmed to count the
-//! calls, then reruns it once per `n`.
+//! [`FaultStorage`] wraps any [`Storage`], counts every fallible call by kind, and can be
+//! armed with a [`Fault`]: the `nth` call (1-based) among the calls of the selected kinds
+//! returns an `io::Error` instead of reaching the inner storage (and, if the fault is
+//! persistent, every later call of those kinds does too). A test first runs a workload unarmed
+//! to count the calls, then reruns it once per `n`.
 
 use std::fmt;
 use std::io;
@@ -29,21 +29,33 @@ pub enum OpKind {
     SetLen,
     /// `punch_hole`.
     PunchHole,
+    /// `write_zeroes`.
+    WriteZeroes,
+    /// `next_data` (and `is_hole`, which asks `next_data`).
+    NextData,
+    /// `next_hole`.
+    NextHole,
 }
+
+/// Number of kinds.
+const KINDS: usize = 9;
 
 impl OpKind {
     /// Every kind.
-    pub const ALL: [OpKind; 6] = [
+    pub const ALL: [OpKind; KINDS] = [
         Self::Read,
         Self::Write,
         Self::Flush,
         Self::Len,
         Self::SetLen,
         Self::PunchHole,
+        Self::WriteZeroes,
+        Self::NextData,
+        Self::NextHole,
     ];
 
-    fn bit(self) -> u8 {
-        1 << self as u8
+    fn bit(self) -> u16 {
+        1 << self as u16
     }
 }
 
@@ -56,19 +68,22 @@ impl fmt::Display for OpKind {
             Self::Len => "len",
             Self::SetLen => "set_len",
             Self::PunchHole => "punch_hole",
+            Self::WriteZeroes => "write_zeroes",
+            Self::NextData => "next_data",
+            Self::NextHole => "next_hole",
         })
     }
 }
 
 /// A set of call kinds (`OpKind::Write | OpKind::Flush`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct OpKinds(u8);
+pub struct OpKinds(u16);
 
 impl OpKinds {
     /// No kind.
     pub const NONE: Self = Self(0);
     /// Every kind.
-    pub const ALL: Self = Self(0x3f);
+    pub const ALL: Self = Self((1 << KINDS) - 1);
 
     /// Whether `kind` is in the set.
     pub fn contains(self, kind: OpKind) -> bool {
@@ -131,7 +146,7 @@ impl Fault {
 /// Calls seen, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpCounts {
-    counts: [u64; 6],
+    counts: [u64; KINDS],
 }
 
 impl OpCounts {
@@ -161,7 +176,7 @@ struct Armed {
 #[derive(Debug)]
 pub struct FaultStorage<S> {
     inner: S,
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; KINDS],
     armed: Mutex<Armed>,
     injected: AtomicU64,
 }
@@ -274,6 +289,28 @@ impl<S: Storage> Storage for FaultStorage<S> {
         self.enter(OpKind::PunchHole)?;
         self.inner.punch_hole(offset, len)
     }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.enter(OpKind::WriteZeroes)?;
+        self.inner.write_zeroes(offset, len)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.enter(OpKind::NextData)?;
+        self.inner.next_data(offset)
+    }
+
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        self.enter(OpKind::NextHole)?;
+        self.inner.next_hole(offset)
+    }
+
+    // `is_hole` keeps the default, which asks `next_data` and so counts (and fails) as one.
+
+    /// The inner storage's alignment; not a call that can fail, so not counted.
+    fn alignment(&self) -> u64 {
+        self.inner.alignment()
+    }
 }
 
 #[cfg(test)]
@@ -309,5 +346,30 @@ mod tests {
         s.disarm();
         s.flush().unwrap();
         assert_eq!(s.injected(), 2);
+    }
+
+    #[test]
+    fn zeroes_and_hole_queries_are_counted_and_can_fail() {
+        let s = FaultStorage::failing(
+            MemoryStorage::from_bytes(vec![1; 8]),
+            Fault::once(OpKind::WriteZeroes, 2),
+        );
+        s.write_zeroes(0, 2).unwrap();
+        assert!(s.write_zeroes(4, 2).is_err());
+        assert_eq!(s.inner().to_bytes(), [0, 0, 1, 1, 1, 1, 1, 1]);
+        s.arm(Fault::once(OpKind::NextData | OpKind::NextHole, 2));
+        assert_eq!(s.next_data(3).unwrap(), Some(3));
+        // `is_hole` asks `next_data`: the second call of the armed kinds.
+        assert!(s.is_hole(2, 2).is_err());
+        assert_eq!(s.next_hole(0).unwrap(), 8);
+        assert_eq!(s.alignment(), 1);
+        let counts = s.counts();
+        assert_eq!(counts.of(OpKind::WriteZeroes), 2);
+        assert_eq!(counts.of(OpKind::NextData), 2);
+        assert_eq!(counts.of(OpKind::NextHole), 1);
+        assert_eq!(counts.total(OpKinds::ALL), 5);
+        assert_eq!(s.injected(), 2);
+        assert!(OpKind::ALL.iter().all(|&k| OpKinds::ALL.contains(k)));
+        assert_eq!(OpKind::NextHole.to_string(), "next_hole");
     }
 }

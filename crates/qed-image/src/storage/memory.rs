@@ -83,6 +83,23 @@ impl Storage for MemoryStorage {
         bytes[start..end].fill(0);
         Ok(())
     }
+
+    /// Zeros the range under one lock, growing the storage to `offset + len` if it is
+    /// shorter. (Holes are not tracked: `next_data` and `next_hole` keep the defaults.)
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let len = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length out of range"))?;
+        let end = end_of(offset, len)?;
+        let mut bytes = self.bytes.write().unwrap_or_else(|e| e.into_inner());
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[offset as usize..end].fill(0);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -100,5 +117,24 @@ mod tests {
         s.punch_hole(3, 100).unwrap();
         s.read_at(&mut buf[..3], 2).unwrap();
         assert_eq!(&buf[..3], b"a\0\0");
+    }
+
+    #[test]
+    fn write_zeroes_zeros_and_grows_like_a_write() {
+        let s = MemoryStorage::from_bytes(vec![7; 10]);
+        s.write_zeroes(2, 3).unwrap();
+        assert_eq!(s.to_bytes(), [7, 7, 0, 0, 0, 7, 7, 7, 7, 7]);
+        s.write_zeroes(8, 4).unwrap();
+        assert_eq!(s.to_bytes(), [7, 7, 0, 0, 0, 7, 7, 7, 0, 0, 0, 0]);
+        s.write_zeroes(14, 2).unwrap();
+        assert_eq!(s.len().unwrap(), 16);
+        assert!(s.to_bytes()[8..].iter().all(|&b| b == 0));
+        s.write_zeroes(100, 0).unwrap();
+        assert_eq!(s.len().unwrap(), 16);
+        assert!(s.write_zeroes(u64::MAX, 2).is_err());
+        // No hole tracking: punched bytes still count as data.
+        s.punch_hole(0, 16).unwrap();
+        assert!(!s.is_hole(0, 16).unwrap());
+        assert!(s.is_hole(16, 16).unwrap());
     }
 }

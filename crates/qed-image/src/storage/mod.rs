@@ -1,9 +1,12 @@
 //! Positional storage underneath an image: a file, memory, or a test double.
 //!
 //! Every byte the engine reads or writes goes through [`Storage`], so crash-simulating and
-//! fault-injecting storages can stand in for a file in tests.
+//! fault-injecting storages can stand in for a file in tests. Those two (`CrashStorage` and
+//! `FaultStorage`, with their helper types) are built only with the `test-utils` feature.
 
+#[cfg(feature = "test-utils")]
 mod crash;
+#[cfg(feature = "test-utils")]
 mod fault;
 mod file;
 mod lock;
@@ -11,9 +14,11 @@ mod memory;
 
 use std::io;
 
+#[cfg(feature = "test-utils")]
 pub use crash::{
     CrashKind, CrashOp, CrashOptions, CrashState, CrashStates, CrashStorage, LoggedOp,
 };
+#[cfg(feature = "test-utils")]
 pub use fault::{Fault, FaultStorage, OpCounts, OpKind, OpKinds};
 pub use file::{CacheMode, FileOptions, FileStorage};
 pub use lock::{LockMode, QemuLock};
@@ -43,31 +48,81 @@ pub trait Storage: Send + Sync {
     /// Truncates or extends to `len` bytes (new bytes read as zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
 
-    /// Makes `[offset, offset + len)` read as zeros, keeping its space allocated where the
-    /// storage can. Grows the storage to `offset + len` like a write would.
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        write_zero_bytes(self, offset, len)
-    }
-
     /// Gives the space of `[offset, offset + len)` back, leaving zeros there. The length of the
     /// storage does not change. Storages that cannot do this write zeros instead.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write_at(&zeros[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
+        write_zeros_in_chunks(self, offset, len)
     }
+
+    /// Makes `[offset, offset + len)` read as zeros, keeping (or making) the space allocated
+    /// where the storage can; unlike [`punch_hole`](Self::punch_hole) it does not give the
+    /// space back. Like writing `len` zeros with [`write_at`](Self::write_at), it grows a
+    /// shorter storage to `offset + len` (and never further); `len == 0` does nothing.
+    ///
+    /// The default writes zeros through `write_at`.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros_in_chunks(self, offset, len)
+    }
+
+    /// The first offset at or after `offset` that holds data, or `None` when nothing from
+    /// `offset` to the end of the storage does (in particular when `offset >= len`); this is
+    /// `lseek(SEEK_DATA)`. Holes always read as zeros; reporting a hole as data is allowed
+    /// (the default knows no holes and answers `offset` for every `offset < len`), reporting
+    /// data as a hole is not. The answer is a snapshot: concurrent writes may change it.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
+
+    /// The first offset at or after `offset` that lies in a hole; this is `lseek(SEEK_HOLE)`.
+    /// The end of the storage counts as the start of a hole, so the answer is at most
+    /// `max(offset, len)`, and `offset` itself when `offset >= len`. The default knows no
+    /// holes and answers `max(offset, len)`.
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        Ok(offset.max(self.len()?))
+    }
+
+    /// Whether all of `[offset, offset + len)` is known to be a hole (bytes past the end of
+    /// the storage count as a hole; an empty range is one). `true` promises the range reads
+    /// as zeros; `false` promises nothing (a hole may be reported as data). Answered from
+    /// [`next_data`](Self::next_data).
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        Ok(match self.next_data(offset)? {
+            None => true,
+            Some(data) => data >= offset.saturating_add(len),
+        })
+    }
+
+    /// The request alignment (of offsets, lengths and buffer addresses) at which I/O is
+    /// efficient, a power of two. Any request works; unaligned ones may cost a
+    /// read-modify-write. The default is 1.
+    fn alignment(&self) -> u64 {
+        1
+    }
+}
+
+/// Writes `len` zeros at `offset` through `write_at`, refusing a range past `u64::MAX`.
+fn write_zeros_in_chunks<S: Storage + ?Sized>(
+    storage: &S,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    if offset.checked_add(len).is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range past the end of the address space",
+        ));
+    }
+    write_zero_bytes(storage, offset, len)
 }
 
 /// A block of zeros to write from, so writing zeros allocates nothing.
 pub(crate) static ZERO_BLOCK: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Writes `len` zero bytes at `offset` through `write_at`.
+/// Writes `len` zero bytes at `offset` through `write_at`, from a static block of zeros (no
+/// allocation), as data: the range ends up allocated on the host.
 pub fn write_zero_bytes<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
     let mut done = 0;
     while done < len {
@@ -99,5 +154,144 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        (**self).next_hole(offset)
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).is_hole(offset, len)
+    }
+    fn alignment(&self) -> u64 {
+        (**self).alignment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Only the required methods (over a memory storage): everything else is the default.
+    struct Plain(MemoryStorage);
+
+    impl Storage for Plain {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.0.flush()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+    }
+
+    #[test]
+    fn defaults_know_no_holes_but_the_end() {
+        let s = Plain(MemoryStorage::from_bytes(vec![7; 10_000]));
+        assert_eq!(s.next_data(0).unwrap(), Some(0));
+        assert_eq!(s.next_data(9_999).unwrap(), Some(9_999));
+        assert_eq!(s.next_data(10_000).unwrap(), None);
+        assert_eq!(s.next_data(u64::MAX).unwrap(), None);
+        assert_eq!(s.next_hole(0).unwrap(), 10_000);
+        assert_eq!(s.next_hole(9_999).unwrap(), 10_000);
+        assert_eq!(s.next_hole(12_345).unwrap(), 12_345);
+        assert!(!s.is_hole(0, 1).unwrap());
+        assert!(!s.is_hole(9_999, 100).unwrap());
+        assert!(s.is_hole(10_000, 5).unwrap());
+        assert!(s.is_hole(5, 0).unwrap());
+        assert!(s.is_hole(u64::MAX - 1, 10).unwrap());
+        assert_eq!(s.alignment(), 1);
+    }
+
+    #[test]
+    fn default_write_zeroes_zeros_and_grows_like_a_write() {
+        const MIB: usize = 1 << 20;
+        let s = Plain(MemoryStorage::from_bytes(vec![7; 3 * MIB]));
+        // More than one chunk, unaligned.
+        s.write_zeroes(1000, 2 * MIB as u64 + 5).unwrap();
+        assert_eq!(s.len().unwrap(), 3 * MIB as u64);
+        let bytes = s.0.to_bytes();
+        assert!(bytes[..1000].iter().all(|&b| b == 7));
+        assert!(bytes[1000..2 * MIB + 1005].iter().all(|&b| b == 0));
+        assert!(bytes[2 * MIB + 1005..].iter().all(|&b| b == 7));
+        // Across the end: grows to exactly offset + len.
+        s.write_zeroes(3 * MIB as u64 - 10, 30).unwrap();
+        assert_eq!(s.len().unwrap(), 3 * MIB as u64 + 20);
+        assert!(s.0.to_bytes()[3 * MIB - 10..].iter().all(|&b| b == 0));
+        // Nothing to zero: nothing grows.
+        s.write_zeroes(10 * MIB as u64, 0).unwrap();
+        assert_eq!(s.len().unwrap(), 3 * MIB as u64 + 20);
+        let err = s.write_zeroes(u64::MAX, 2).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// Answers that no default gives.
+    struct Odd;
+
+    impl Storage for Odd {
+        fn read_at(&self, buf: &mut [u8], _: u64) -> io::Result<()> {
+            buf.fill(0xaa);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Err(io::Error::other("odd write"))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Err(io::Error::other("odd flush"))
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(100)
+        }
+        fn set_len(&self, _: u64) -> io::Result<()> {
+            Err(io::Error::other("odd set_len"))
+        }
+        fn punch_hole(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(io::Error::other("odd punch_hole"))
+        }
+        fn write_zeroes(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(io::Error::other("odd write_zeroes"))
+        }
+        fn next_data(&self, _: u64) -> io::Result<Option<u64>> {
+            Ok(Some(42))
+        }
+        fn next_hole(&self, _: u64) -> io::Result<u64> {
+            Ok(7)
+        }
+        fn is_hole(&self, _: u64, _: u64) -> io::Result<bool> {
+            Ok(true)
+        }
+        fn alignment(&self) -> u64 {
+            512
+        }
+    }
+
+    #[test]
+    fn arc_forwards_every_method() {
+        let s = Arc::new(Odd);
+        let message = |r: io::Result<()>| r.unwrap_err().to_string();
+        let mut buf = [0; 3];
+        Storage::read_at(&s, &mut buf, 0).unwrap();
+        assert_eq!(buf, [0xaa; 3]);
+        assert_eq!(message(Storage::write_at(&s, b"x", 0)), "odd write");
+        assert_eq!(message(Storage::flush(&s)), "odd flush");
+        assert_eq!(Storage::len(&s).unwrap(), 100);
+        assert_eq!(message(Storage::set_len(&s, 1)), "odd set_len");
+        assert_eq!(message(Storage::punch_hole(&s, 0, 1)), "odd punch_hole");
+        assert_eq!(message(Storage::write_zeroes(&s, 0, 1)), "odd write_zeroes");
+        assert_eq!(Storage::next_data(&s, 0).unwrap(), Some(42));
+        assert_eq!(Storage::next_hole(&s, 0).unwrap(), 7);
+        // The default would ask next_data (42, inside [0, 100)) and answer false.
+        assert!(Storage::is_hole(&s, 0, 100).unwrap());
+        assert_eq!(Storage::alignment(&s), 512);
     }
 }
