@@ -3,7 +3,7 @@
 //! over a backing file. The results are checked against a reference disk, the extents, the
 //! on-disk layout and `qemu-img check`.
 
-mod support;
+mod kit;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,7 +15,7 @@ use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode, MemorySt
 use qed_image::{Image, OpenOptions};
 use std::io;
 
-use support::*;
+use kit::*;
 
 const THREADS: usize = 8;
 
@@ -39,10 +39,10 @@ impl Write {
 type Round = Vec<Vec<Write>>;
 
 /// Cuts `[start, end)` into `pieces` contiguous, non-empty pieces at random points.
-fn cut(rng: &mut SeqRng, start: u64, end: u64, pieces: usize) -> Vec<(u64, u64)> {
+fn cut(rng: &mut Rng, start: u64, end: u64, pieces: usize) -> Vec<(u64, u64)> {
     let mut points = BTreeSet::new();
     while points.len() < pieces - 1 {
-        points.insert(rng.range(start + 1, end));
+        points.insert(rng.range(start + 1..end));
     }
     let bounds: Vec<u64> = std::iter::once(start)
         .chain(points)
@@ -54,7 +54,7 @@ fn cut(rng: &mut SeqRng, start: u64, end: u64, pieces: usize) -> Vec<(u64, u64)>
 /// The rounds of the racing workload. Cluster numbers are relative to `base`, which sits 40
 /// clusters before the first L2 table boundary, so several rounds straddle it.
 fn plan(cs: u64, coverage: u64, seed: u64) -> Vec<Round> {
-    let mut rng = SeqRng::new(seed);
+    let mut rng = Rng::new(seed);
     let base = coverage - 40 * cs;
     let at = |cluster: u64| base + cluster * cs;
     let mut next_seed = seed * 1000;
@@ -72,8 +72,8 @@ fn plan(cs: u64, coverage: u64, seed: u64) -> Vec<Round> {
                 (0..3)
                     .map(|_| {
                         let lo = at(6 * t);
-                        let off = rng.range(lo, lo + 6 * cs - 1);
-                        let len = rng.range(1, (lo + 6 * cs - off).min(3 * cs) + 1);
+                        let off = rng.range(lo..lo + 6 * cs - 1);
+                        let len = rng.range(1..=(lo + 6 * cs - off).min(3 * cs));
                         Write::new(off, len, seed())
                     })
                     .collect()
@@ -291,7 +291,7 @@ fn racing_writers(cluster_size: u32, table_size: u32, backend: Backend, seed: u6
         (touched.len() as u64 + tables.len() as u64 * u64::from(table_size)) * cs,
         "file growth is the data clusters plus the L2 tables"
     );
-    qemu_img_check(&path);
+    assert_qemu_img_check(&path);
     let image = open_file(&path, &OpenOptions::read_only());
     assert!(!image.info().dirty);
     check_written(&image, &model, &[], "after reopen");
@@ -339,10 +339,10 @@ fn flushes_and_idle_timer_race_with_writes() {
     // its writes shares its first and last cluster with a neighbour.
     let plan: Vec<Vec<Write>> = (0..WRITERS as u64)
         .map(|w| {
-            let mut rng = SeqRng::new(100 + w);
+            let mut rng = Rng::new(100 + w);
             (0..40)
                 .map(|i| {
-                    let k = rng.range(0, size / (8 * cs) - 1);
+                    let k = rng.range(0..size / (8 * cs) - 1);
                     let off = k * 8 * cs + w * cs + 100;
                     Write::new(off, cs, 7000 + w * 100 + i)
                 })
@@ -395,7 +395,7 @@ fn flushes_and_idle_timer_race_with_writes() {
     let layout = parse_layout(&std::fs::read(&path).unwrap());
     assert!(!layout.dirty());
     layout.assert_exact_cover(0);
-    qemu_img_check(&path);
+    assert_qemu_img_check(&path);
     let image = open_file(&path, &OpenOptions::read_only());
     assert!(!image.info().dirty);
     check_written(&image, &model, &[], "after reopen");
@@ -437,7 +437,7 @@ fn readers_race_allocation(cluster_size: u32, table_size: u32) {
     let image = open_shared(&storage, &rw_options(), backing.layer());
 
     // Each target cluster: one slice per writer with gaps between them that nobody writes.
-    let mut rng = SeqRng::new(5);
+    let mut rng = Rng::new(5);
     let mut plan: Vec<Vec<Write>> = vec![Vec::new(); WRITERS];
     for c in first..first + CLUSTERS {
         let pieces = cut(&mut rng, c * cs, (c + 1) * cs, 2 * WRITERS);

@@ -3,25 +3,25 @@
 //!
 //! `QED_CRASH_SOAK=<n>` runs n times as many workloads.
 
-mod crashkit;
+mod kit;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crashkit::{
-    check_bytes, clean, configs, create_image, need_check, open, soak, workload, Config, GuestOp,
-    Layout, Rng, Verdict,
+use kit::{
+    check_bytes, need_check, open_and_repair, report_clean, soak, CrashConfig, GuestOp, Rng,
+    Verdict, Windows,
 };
 use qed_image::storage::{CrashOp, CrashOptions, CrashState, CrashStorage, MemoryStorage, Storage};
 
 /// Workloads per geometry in the bounded run (64 KiB clusters cost more per state).
-fn workloads(config: &Config) -> u64 {
+fn workloads(config: &CrashConfig) -> u64 {
     let n = if config.cluster_size >= 65536 { 1 } else { 2 };
     n * soak()
 }
 
 /// Requests per workload.
-fn requests(config: &Config) -> usize {
+fn requests(config: &CrashConfig) -> usize {
     if config.cluster_size >= 65536 {
         12
     } else {
@@ -38,8 +38,8 @@ struct Step {
 
 /// A workload run on a [`CrashStorage`], with what the model expects.
 struct Recording {
-    config: Config,
-    layout: Layout,
+    config: CrashConfig,
+    windows: Windows,
     steps: Vec<Step>,
     /// Completed guest flushes: (log position at which it completed, steps before it, the
     /// windows then). The first entry is the initial image.
@@ -48,25 +48,27 @@ struct Recording {
 }
 
 impl Recording {
-    fn run(config: Config, seed: u64) -> Self {
+    fn run(config: CrashConfig, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
-        let layout = config.layout();
-        let crash = Arc::new(CrashStorage::new(create_image(&config)));
+        let windows = config.windows();
+        let crash = Arc::new(CrashStorage::new(config.create_image()));
         // Half the runs keep the L2 cache to one table, so creating a table writes back.
-        let cache = if rng.chance(50) {
+        let cache = if rng.chance(50, 100) {
             32 << 20
         } else {
             config.geometry().table_bytes() as usize
         };
-        let image = open(&config, Box::new(crash.clone()), true, cache).expect("open");
-        let mut model = layout.initial(&config);
+        let image = config
+            .open(Box::new(crash.clone()), true, cache)
+            .expect("open");
+        let mut model = windows.initial(&config);
         let mut flushes = vec![(0, 0, model.clone())];
         let mut steps = Vec::new();
-        for op in workload(&config, &mut rng, requests(&config)) {
+        for op in config.workload(&mut rng, requests(&config)) {
             let log_start = crash.op_count();
             op.run(&image)
                 .unwrap_or_else(|e| panic!("{}: {}: {e}", config.name(), op.describe()));
-            let effect = op.effect(&config, &layout);
+            let effect = op.effect(&config, &windows);
             if let Some((at, data)) = &effect {
                 model[*at..at + data.len()].copy_from_slice(data);
             }
@@ -99,7 +101,7 @@ impl Recording {
         }
         Self {
             config,
-            layout,
+            windows,
             steps,
             flushes,
             crash,
@@ -172,15 +174,15 @@ impl Tally {
 /// as `expect` allows, nothing is allocated outside the windows, and a close leaves
 /// NEED_CHECK clear. Returns the windows as read after the repair.
 fn verify_state(
-    config: &Config,
-    layout: &Layout,
+    config: &CrashConfig,
+    windows: &Windows,
     bytes: Vec<u8>,
     expect: &dyn Fn(&[u8]) -> Verdict,
     tally: &mut Tally,
 ) -> Result<Vec<u8>, String> {
     let dirty = need_check(&bytes);
     let storage = Arc::new(MemoryStorage::from_bytes(bytes));
-    let (image, clean_flag_leaks) = crashkit::open_and_repair(config, storage.clone())?;
+    let (image, clean_flag_leaks) = open_and_repair(config, storage.clone())?;
     if let Some(report) = image.open_repair() {
         // What the repair found is what a check before it would have found: leaks at most.
         if report.corruptions_fixed > 0 {
@@ -194,11 +196,11 @@ fn verify_state(
     }
     tally.repaired_at_open += u64::from(dirty);
     tally.clean_flag_leaks += u64::from(clean_flag_leaks.is_some());
-    let after = layout
+    let after = windows
         .read(&image)
         .map_err(|e| format!("read after repair: {e}"))?;
     expect(&after)?;
-    layout.check_outside(&image)?;
+    windows.check_outside(&image)?;
     image.close().map_err(|e| format!("close: {e}"))?;
     if need_check(&storage.to_bytes()) {
         return Err("NEED_CHECK still set after a repair and a clean close".into());
@@ -221,7 +223,7 @@ fn crash_options(seed: u64) -> CrashOptions {
 }
 
 /// Every crash state of `workloads` seeded workloads on `config` keeps the contract.
-fn crash_workloads(config: Config, seed_base: u64) -> Tally {
+fn crash_workloads(config: CrashConfig, seed_base: u64) -> Tally {
     let mut total = Tally::default();
     let mut failures = Vec::new();
     for w in 0..workloads(&config) {
@@ -235,9 +237,9 @@ fn crash_workloads(config: Config, seed_base: u64) -> Tally {
                 .entry(format!("{:?}", state.kind))
                 .or_default() += 1;
             let (flushed, pending) = rec.expected(state.cut);
-            let expect = |actual: &[u8]| check_bytes(&rec.layout, actual, flushed, &pending);
+            let expect = |actual: &[u8]| check_bytes(&rec.windows, actual, flushed, &pending);
             let what = describe_state(&state);
-            if let Err(e) = verify_state(&config, &rec.layout, state.bytes, &expect, &mut tally) {
+            if let Err(e) = verify_state(&config, &rec.windows, state.bytes, &expect, &mut tally) {
                 failures.push(format!(
                     "{} seed {seed}: {what}: {e}\nworkload:\n{}",
                     config.name(),
@@ -261,7 +263,7 @@ macro_rules! crash_test {
     ($name:ident, $index:expr) => {
         #[test]
         fn $name() {
-            let config = configs()[$index];
+            let config = CrashConfig::all()[$index];
             let tally = crash_workloads(config, $index as u64 + 1);
             tally.print(&format!("{} ({})", stringify!($name), config.name()));
         }
@@ -281,25 +283,26 @@ crash_test!(crash_64k_ts4_backing, 5);
 fn crash_during_repair() {
     let mut total = Tally::default();
     let mut repairs = 0;
-    for (index, config) in configs().into_iter().enumerate() {
+    for (index, config) in CrashConfig::all().into_iter().enumerate() {
         for w in 0..soak() {
             let seed = 7_000 + index as u64 * 100 + w;
             let rec = Recording::run(config, seed);
             if let Some(crash) = busiest_repair(&rec) {
                 repairs += 1;
-                total.add(&crash_repair(&config, &rec.layout, &crash, seed));
+                total.add(&crash_repair(&config, &rec.windows, &crash, seed));
             }
         }
         // A repair that moves data and slides an L2 table down into leaked clusters.
         let crash = Arc::new(CrashStorage::new(trailing_table_image(&config).0));
-        open(&config, Box::new(crash.clone()), true, 32 << 20)
+        config
+            .open(Box::new(crash.clone()), true, 32 << 20)
             .expect("repairing open")
             .close()
             .expect("close");
         repairs += 1;
         total.add(&crash_repair(
             &config,
-            &config.layout(),
+            &config.windows(),
             &crash,
             index as u64,
         ));
@@ -318,10 +321,12 @@ fn busiest_repair(rec: &Recording) -> Option<Arc<CrashStorage>> {
             continue;
         }
         let crash = Arc::new(CrashStorage::new(bytes));
-        let image =
-            open(&rec.config, Box::new(crash.clone()), true, 32 << 20).expect("repairing open");
+        let image = rec
+            .config
+            .open(Box::new(crash.clone()), true, 32 << 20)
+            .expect("repairing open");
         let report = image.open_repair().expect("NEED_CHECK was set").clone();
-        clean(&report, "the first repair", false).unwrap();
+        report_clean(&report, "the first repair", false).unwrap();
         image.close().expect("close");
         if best
             .as_ref()
@@ -333,16 +338,16 @@ fn busiest_repair(rec: &Recording) -> Option<Arc<CrashStorage>> {
     best
 }
 
-fn crash_repair(config: &Config, layout: &Layout, crash: &CrashStorage, seed: u64) -> Tally {
+fn crash_repair(config: &CrashConfig, windows: &Windows, crash: &CrashStorage, seed: u64) -> Tally {
     let repaired = {
-        let image = open(
-            config,
-            Box::new(MemoryStorage::from_bytes(crash.contents())),
-            false,
-            32 << 20,
-        )
-        .expect("open the repaired image");
-        layout.read(&image).expect("read")
+        let image = config
+            .open(
+                Box::new(MemoryStorage::from_bytes(crash.contents())),
+                false,
+                32 << 20,
+            )
+            .expect("open the repaired image");
+        windows.read(&image).expect("read")
     };
     let mut tally = Tally::default();
     let expect = |actual: &[u8]| -> Verdict {
@@ -359,7 +364,7 @@ fn crash_repair(config: &Config, layout: &Layout, crash: &CrashStorage, seed: u6
             .entry(format!("{:?}", state.kind))
             .or_default() += 1;
         let what = describe_state(&state);
-        if let Err(e) = verify_state(config, layout, state.bytes, &expect, &mut tally) {
+        if let Err(e) = verify_state(config, windows, state.bytes, &expect, &mut tally) {
             failures.push(format!(
                 "{} seed {seed}: repair {what}: {e}\nrepair log: {:?}",
                 config.name(),
@@ -387,14 +392,10 @@ fn crash_repair(config: &Config, layout: &Layout, crash: &CrashStorage, seed: u6
 /// two data clusters of table 0 written, then one cluster under table 2, then the two entries
 /// of table 0 turned into zero clusters on disk by hand (discard never leaks, so the leak is
 /// made directly). Returns the bytes and what the windows read.
-fn trailing_table_image(config: &Config) -> (Vec<u8>, Vec<u8>) {
-    let layout = config.layout();
+fn trailing_table_image(config: &CrashConfig) -> (Vec<u8>, Vec<u8>) {
     let cs = u64::from(config.cluster_size);
-    let storage = Arc::new(MemoryStorage::from_bytes(create_image(config)));
-    let image = open(config, Box::new(storage.clone()), true, 32 << 20).expect("open");
     let mut rng = Rng::new(u64::from(config.cluster_size));
-    let last = layout.windows[2].0;
-    let mut model = layout.initial(config);
+    let last = config.windows().ranges[2].0;
     let ops = [
         GuestOp::Write {
             offset: 0,
@@ -411,15 +412,8 @@ fn trailing_table_image(config: &Config) -> (Vec<u8>, Vec<u8>) {
         },
         GuestOp::Flush,
     ];
-    for op in &ops {
-        op.run(&image).expect("request");
-        if let Some((at, data)) = op.effect(config, &layout) {
-            model[at..at + data.len()].copy_from_slice(&data);
-        }
-    }
-    // The crash: the disk as it is now, before the close clears NEED_CHECK.
-    let mut bytes = storage.to_bytes();
-    drop(image);
+    // The crash: the disk as it is then, before a close clears NEED_CHECK.
+    let (mut bytes, mut model) = config.crashed_after(&ops);
     assert!(need_check(&bytes));
     let header = qed_image::Header::decode(&bytes).expect("header");
     let l1 = header.l1_table_offset as usize;
@@ -432,7 +426,7 @@ fn trailing_table_image(config: &Config) -> (Vec<u8>, Vec<u8>) {
         offset: 0,
         len: 2 * cs,
     };
-    if let Some((at, data)) = zeroed.effect(config, &layout) {
+    if let Some((at, data)) = zeroed.effect(config, &config.windows()) {
         model[at..at + data.len()].copy_from_slice(&data);
     }
     (bytes, model)
@@ -442,10 +436,12 @@ fn trailing_table_image(config: &Config) -> (Vec<u8>, Vec<u8>) {
 /// at the first metadata cluster from the end); the table now slides down into them.
 #[test]
 fn repair_slides_a_trailing_table_into_leaked_clusters() {
-    for config in configs() {
+    for config in CrashConfig::all() {
         let (bytes, model) = trailing_table_image(&config);
         let storage = Arc::new(MemoryStorage::from_bytes(bytes));
-        let image = open(&config, Box::new(storage.clone()), true, 32 << 20).expect("open");
+        let image = config
+            .open(Box::new(storage.clone()), true, 32 << 20)
+            .expect("open");
         let repair = image.open_repair().expect("repaired at open").clone();
         assert_eq!(
             (repair.leaks, repair.leaks_fixed),
@@ -455,7 +451,7 @@ fn repair_slides_a_trailing_table_into_leaked_clusters() {
         );
         let report = image.check(qed_image::Repair::None).expect("check");
         assert!(report.is_clean(), "{}: {report:?}", config.name());
-        assert_eq!(config.layout().read(&image).expect("read"), model);
+        assert_eq!(config.windows().read(&image).expect("read"), model);
         image.close().expect("close");
         // Header, L1, two L2 tables and one data cluster: nothing else.
         let cs = u64::from(config.cluster_size);

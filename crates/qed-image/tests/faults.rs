@@ -3,15 +3,12 @@
 //! requests work or report `Poisoned`, and the storage reopened without faults repairs into
 //! a consistent image that still holds every flushed byte.
 
-mod crashkit;
+mod kit;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crashkit::{
-    check_bytes, configs, create_image, open, open_and_repair, soak, workload, Config, GuestOp,
-    Layout, Rng,
-};
+use kit::{check_bytes, need_check, open_and_repair, soak, CrashConfig, GuestOp, Rng, Windows};
 use qed_image::storage::{Fault, FaultStorage, MemoryStorage, OpKind, Storage};
 use qed_image::Error;
 
@@ -25,38 +22,27 @@ struct Start {
 }
 
 /// A fresh image.
-fn clean_start(config: &Config) -> Start {
+fn clean_start(config: &CrashConfig) -> Start {
     Start {
-        bytes: create_image(config),
-        model: config.layout().initial(config),
+        bytes: config.create_image(),
+        model: config.windows().initial(config),
         cache: 32 << 20,
     }
 }
 
 /// An image left by a crash after a flush: NEED_CHECK set and discarded clusters leaked, so
 /// the open repairs it.
-fn dirty_start(config: &Config, seed: u64) -> Start {
-    let layout = config.layout();
-    let storage = Arc::new(MemoryStorage::from_bytes(create_image(config)));
-    let image = open(config, Box::new(storage.clone()), true, 32 << 20).expect("open");
-    let mut model = layout.initial(config);
+fn dirty_start(config: &CrashConfig, seed: u64) -> Start {
     let mut rng = Rng::new(seed);
-    let mut ops = workload(config, &mut rng, 10);
+    let mut ops = config.workload(&mut rng, 10);
     // Discard some of what was written so that the repair has leaks to reclaim.
     ops.push(GuestOp::Discard {
         offset: 0,
-        len: layout.windows[0].1,
+        len: config.windows().ranges[0].1,
     });
     ops.push(GuestOp::Flush);
-    for op in &ops {
-        op.run(&image).expect("request");
-        if let Some((at, data)) = op.effect(config, &layout) {
-            model[at..at + data.len()].copy_from_slice(&data);
-        }
-    }
-    let bytes = storage.to_bytes();
-    drop(image);
-    assert!(crashkit::need_check(&bytes));
+    let (bytes, model) = config.crashed_after(&ops);
+    assert!(need_check(&bytes));
     Start {
         bytes,
         model,
@@ -76,8 +62,8 @@ struct Outcome {
 /// Runs `ops` on `start` through `storage` and checks the error contract; then reopens the
 /// storage underneath without faults and checks consistency and the flushed data.
 fn faulted_run(
-    config: &Config,
-    layout: &Layout,
+    config: &CrashConfig,
+    windows: &Windows,
     start: &Start,
     ops: &[GuestOp],
     fault: Option<Fault>,
@@ -94,7 +80,7 @@ fn faulted_run(
     let mut pending: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut model = start.model.clone();
     let before = storage.injected();
-    let opened = open(config, Box::new(storage.clone()), true, start.cache);
+    let opened = config.open(Box::new(storage.clone()), true, start.cache);
     judge(
         &mut outcome,
         persistent,
@@ -115,7 +101,7 @@ fn faulted_run(
                 before,
                 &result,
             )?;
-            let effect = op.effect(config, layout);
+            let effect = op.effect(config, windows);
             match (&result, op) {
                 (Ok(()), GuestOp::Flush) => {
                     flushed = model.clone();
@@ -128,7 +114,7 @@ fn faulted_run(
                         // Reads see the write at once (a read may meet the fault too).
                         let mut back = vec![0u8; data.len()];
                         let before = storage.injected();
-                        let read = image.read_at(&mut back, layout.guest(*at));
+                        let read = image.read_at(&mut back, windows.guest(*at));
                         judge(
                             &mut outcome,
                             persistent,
@@ -147,7 +133,7 @@ fn faulted_run(
                     // The failed request may have landed in part: each byte old or new.
                     if let Some((at, data)) = &effect {
                         let mut back = vec![0u8; data.len()];
-                        if image.read_at(&mut back, layout.guest(*at)).is_ok() {
+                        if image.read_at(&mut back, windows.guest(*at)).is_ok() {
                             for (i, b) in back.iter().enumerate() {
                                 if *b != model[at + i] && *b != data[i] {
                                     return Err(format!(
@@ -178,12 +164,12 @@ fn faulted_run(
     }
     // Reopen what is underneath, without faults.
     let (image, _) = open_and_repair(config, memory)?;
-    let actual = layout
+    let actual = windows
         .read(&image)
         .map_err(|e| format!("read after reopen: {e}"))?;
     let pending: Vec<&(usize, Vec<u8>)> = pending.iter().collect();
-    check_bytes(layout, &actual, &flushed, &pending)?;
-    layout.check_outside(&image)?;
+    check_bytes(windows, &actual, &flushed, &pending)?;
+    windows.check_outside(&image)?;
     image
         .close()
         .map_err(|e| format!("close after reopen: {e}"))?;
@@ -229,23 +215,25 @@ fn clone_error(e: &Error) -> Error {
 
 /// Runs the workload once per (kind, n) for every call the unfaulted run makes; returns how
 /// many faults were injected.
-fn sweep(config: &Config, start: &Start, ops: &[GuestOp], name: &str) -> u64 {
-    let layout = config.layout();
+fn sweep(config: &CrashConfig, start: &Start, ops: &[GuestOp], name: &str) -> u64 {
+    let windows = config.windows();
     // Count the calls of an unfaulted run.
     let memory = Arc::new(MemoryStorage::from_bytes(start.bytes.clone()));
     let counter = Arc::new(FaultStorage::new(memory));
     {
-        let image = open(config, Box::new(counter.clone()), true, start.cache).expect("open");
+        let image = config
+            .open(Box::new(counter.clone()), true, start.cache)
+            .expect("open");
         for op in ops {
             op.run(&image).expect("request");
-            if let Some((at, data)) = op.effect(config, &layout) {
+            if let Some((at, data)) = op.effect(config, &windows) {
                 let mut back = vec![0u8; data.len()];
-                image.read_at(&mut back, layout.guest(at)).expect("read");
+                image.read_at(&mut back, windows.guest(at)).expect("read");
             }
         }
         image.close().expect("close");
     }
-    faulted_run(config, &layout, start, ops, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    faulted_run(config, &windows, start, ops, None).unwrap_or_else(|e| panic!("{name}: {e}"));
     let counts = counter.counts();
     let mut injected = 0;
     let mut failures = Vec::new();
@@ -253,7 +241,7 @@ fn sweep(config: &Config, start: &Start, ops: &[GuestOp], name: &str) -> u64 {
         for n in 1..=counts.of(kind) {
             let fault = Fault::once(kind, n);
             let run = catch_unwind(AssertUnwindSafe(|| {
-                faulted_run(config, &layout, start, ops, Some(fault))
+                faulted_run(config, &windows, start, ops, Some(fault))
             }));
             match run {
                 Ok(Ok(outcome)) => injected += outcome.injected,
@@ -281,7 +269,7 @@ fn workloads() -> u64 {
     soak()
 }
 
-fn fault_test(config: Config, dirty: bool, seed_base: u64) {
+fn fault_test(config: CrashConfig, dirty: bool, seed_base: u64) {
     let mut injected = 0;
     for w in 0..workloads() {
         let seed = seed_base * 1000 + w;
@@ -294,7 +282,7 @@ fn fault_test(config: Config, dirty: bool, seed_base: u64) {
             start.cache = config.geometry().table_bytes() as usize;
         }
         let mut rng = Rng::new(seed ^ 0xfa);
-        let ops = workload(&config, &mut rng, REQUESTS);
+        let ops = config.workload(&mut rng, REQUESTS);
         let name = format!(
             "{} {} seed {seed}",
             config.name(),
@@ -309,7 +297,7 @@ macro_rules! fault_tests {
     ($($name:ident: $index:expr, $dirty:expr;)*) => {$(
         #[test]
         fn $name() {
-            fault_test(configs()[$index], $dirty, $index as u64 * 2 + u64::from($dirty) + 1);
+            fault_test(CrashConfig::all()[$index], $dirty, $index as u64 * 2 + u64::from($dirty) + 1);
         }
     )*};
 }
@@ -328,15 +316,15 @@ fault_tests! {
 #[test]
 fn dead_disk() {
     let mut injected = 0;
-    for (index, config) in configs().into_iter().enumerate().step_by(2) {
+    for (index, config) in CrashConfig::all().into_iter().enumerate().step_by(2) {
         let start = clean_start(&config);
         let mut rng = Rng::new(index as u64 + 99);
-        let ops = workload(&config, &mut rng, 12);
-        let layout = config.layout();
+        let ops = config.workload(&mut rng, 12);
+        let windows = config.windows();
         for n in (1..200).step_by(7) {
             let fault = Fault::from_nth(qed_image::storage::OpKinds::ALL, n);
             let run = catch_unwind(AssertUnwindSafe(|| {
-                faulted_run(&config, &layout, &start, &ops, Some(fault))
+                faulted_run(&config, &windows, &start, &ops, Some(fault))
             }));
             match run {
                 Ok(Ok(outcome)) => injected += outcome.injected,
@@ -354,18 +342,20 @@ fn dead_disk() {
 /// leaves NEED_CHECK set for the next one.
 #[test]
 fn open_fails_when_its_repair_cannot_read() {
-    for (index, config) in configs().into_iter().enumerate() {
+    for (index, config) in CrashConfig::all().into_iter().enumerate() {
         let start = dirty_start(&config, index as u64 + 50);
         let counter = Arc::new(FaultStorage::new(Arc::new(MemoryStorage::from_bytes(
             start.bytes.clone(),
         ))));
-        open(&config, Box::new(counter.clone()), true, 32 << 20).expect("open");
+        config
+            .open(Box::new(counter.clone()), true, 32 << 20)
+            .expect("open");
         let reads = counter.counts().of(OpKind::Read);
         assert!(reads > 3, "the repair reads tables");
         for n in 1..=reads {
             let memory = Arc::new(MemoryStorage::from_bytes(start.bytes.clone()));
             let storage = FaultStorage::failing(memory.clone(), Fault::once(OpKind::Read, n));
-            match open(&config, Box::new(storage), true, 32 << 20) {
+            match config.open(Box::new(storage), true, 32 << 20) {
                 Err(Error::Io { source, .. }) => assert!(
                     source.to_string().contains("injected fault"),
                     "{}: read {n}: {source}",
@@ -374,10 +364,7 @@ fn open_fails_when_its_repair_cannot_read() {
                 Err(e) => panic!("{}: read {n}: {e:?}", config.name()),
                 Ok(_) => panic!("{}: read {n} failed, yet the open succeeded", config.name()),
             }
-            assert!(
-                crashkit::need_check(&memory.to_bytes()),
-                "NEED_CHECK stays set"
-            );
+            assert!(need_check(&memory.to_bytes()), "NEED_CHECK stays set");
             let (image, _) = open_and_repair(&config, memory).expect("reopen and repair");
             image.close().expect("close");
         }

@@ -4,15 +4,13 @@
 //!
 //! Out of scope here: consistency check and repair (the README's `check` results).
 
-mod common;
+mod kit;
 
-use std::path::Path;
-
-use common::*;
+use kit::*;
 use qed_image::format::FormatError;
 use qed_image::{
-    BackingFormat, BackingLayer, ChainExtent, ChainKind, CreateParams, Error, Extent, ExtentKind,
-    Image, OpenOptions, TableKind,
+    BackingFormat, BackingLayer, ChainExtent, ChainKind, Error, Extent, ExtentKind, Image,
+    OpenOptions, TableKind,
 };
 
 const ZERO_16M: &str = "080acf35a507ac9849cfcba47dc2ad83e01b75663a516279c8b9d243b719643e";
@@ -258,16 +256,6 @@ const QEMU_MAPPABLE: &[&str] = &[
     "header-size-2.qed",
 ];
 
-fn ro(path: &Path) -> Image {
-    Image::open(path, &OpenOptions::read_only())
-        .unwrap_or_else(|e| panic!("read-only open of {}: {e}", path.display()))
-}
-
-fn rw(path: &Path) -> Image {
-    Image::open(path, &OpenOptions::read_write())
-        .unwrap_or_else(|e| panic!("read-write open of {}: {e}", path.display()))
-}
-
 fn extents(image: &Image) -> Vec<Extent> {
     image
         .extents(0, image.size())
@@ -312,20 +300,6 @@ fn host(host_offset: u64) -> ChainKind {
     ChainKind::Data { host_offset }
 }
 
-fn read(image: &Image, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    image
-        .read_at(&mut buf, offset)
-        .unwrap_or_else(|e| panic!("read {len}@{offset}: {e}"));
-    buf
-}
-
-fn assert_fill(buf: &[u8], byte: u8, what: &str) {
-    if let Some(i) = buf.iter().position(|&b| b != byte) {
-        panic!("{what}: byte {i} is {:#x}, expected {byte:#x}", buf[i]);
-    }
-}
-
 /// Reads the whole disk cluster by cluster, substituting zeros for clusters whose read fails;
 /// returns the hash and the offsets of the failed clusters (all must fail with `Corrupt`).
 fn sha256_skipping_corrupt(image: &Image) -> (String, Vec<u64>) {
@@ -350,7 +324,7 @@ fn sha256_skipping_corrupt(image: &Image) -> (String, Vec<u64>) {
 fn raw_sha256_of_every_readable_fixture() {
     let Some(dir) = fixture_dir() else { return };
     for (name, want) in RAW_SHA256 {
-        let image = ro(&dir.path().join(name));
+        let image = open_ro(&dir.path().join(name));
         assert_eq!(image_sha256(&image), *want, "raw sha256 of {name}");
     }
 }
@@ -389,7 +363,7 @@ fn header_fields_of_every_fixture() {
         if name == "unknown-feature.qed" {
             continue; // cannot be opened, see `unknown_feature_is_refused`
         }
-        let image = ro(&path);
+        let image = open_ro(&path);
         let info = image.info();
         assert_eq!(info.header, header, "{name}: info().header");
         assert_eq!(info.size, size, "{name}");
@@ -404,7 +378,7 @@ fn header_fields_of_every_fixture() {
 }
 
 /// Our extents agree with `qemu-img map --output=json` of the same file. See
-/// [`common::chain_to_map`] for how a `ChainExtent` maps onto QEMU's fields
+/// [`kit::chain_to_map`] for how a `ChainExtent` maps onto QEMU's fields
 /// (start/length/present/zero/data/offset compared; depth compared where present).
 #[test]
 fn chain_extents_agree_with_qemu_img_map() {
@@ -415,7 +389,7 @@ fn chain_extents_agree_with_qemu_img_map() {
     for name in QEMU_MAPPABLE {
         let path = dir.path().join(name);
         let qemu = qemu_map(&path);
-        let image = ro(&path);
+        let image = open_ro(&path);
         assert_eq!(qemu.is_empty(), image.size() == 0, "{name}: {qemu:?}");
         let ours = chain_to_map(&image.chain_extents(0, image.size()).expect(name));
         assert_eq!(ours, qemu, "{name}: map differs from qemu-img map");
@@ -449,7 +423,7 @@ fn extents_stop_at_corrupt_entries_like_qemu_img_map() {
         ),
     ];
     for (name, before, bad_at, table) in cases {
-        let image = ro(&dir.path().join(name));
+        let image = open_ro(&dir.path().join(name));
         let mut it = image.extents(0, image.size());
         for want in before {
             assert_eq!(&it.next().unwrap().expect(name), want, "{name}");
@@ -467,16 +441,7 @@ fn extents_stop_at_corrupt_entries_like_qemu_img_map() {
         );
         // QEMU prints the entries before the bad one, then fails "at offset <bad_at>".
         if require_tool("qemu-img") {
-            let out = run(
-                "qemu-img",
-                [
-                    "map",
-                    "--output=json",
-                    "-f",
-                    "qed",
-                    dir.path().join(name).to_str().unwrap(),
-                ],
-            );
+            let out = qemu_map_output(&dir.path().join(name));
             assert_ne!(out.status, Some(0), "{name}: qemu-img map should fail");
             assert!(out.stderr.contains("Invalid argument"), "{}", out.stderr);
             let qemu = parse_qemu_map(&out.stdout);
@@ -491,7 +456,7 @@ fn extents_stop_at_corrupt_entries_like_qemu_img_map() {
 #[test]
 fn empty_default_map_is_one_unallocated_extent() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("empty-default.qed"));
+    let image = open_ro(&dir.path().join("empty-default.qed"));
     assert_eq!(extents(&image), vec![unalloc(0, 16 << 20)]);
     assert_eq!(image.file_length().unwrap(), 327680);
 }
@@ -499,7 +464,7 @@ fn empty_default_map_is_one_unallocated_extent() {
 #[test]
 fn basic_64k_layout() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("basic-64k.qed"));
+    let image = open_ro(&dir.path().join("basic-64k.qed"));
     const K: u64 = 1024;
     const M: u64 = 1024 * K;
     assert_eq!(
@@ -515,19 +480,19 @@ fn basic_64k_layout() {
             unalloc(3 * M + 192 * K, 13 * M - 192 * K),
         ]
     );
-    assert_fill(&read(&image, 0, 65536), 0xab, "0..64K");
+    assert_fill(&read_range(&image, 0, 65536), 0xab, "0..64K");
     // Only 4 KiB at 1M+4K were written; the rest of the cluster was written as zeros.
-    let c = read(&image, M, 65536);
+    let c = read_range(&image, M, 65536);
     assert_fill(&c[..4096], 0, "COW head");
     assert_fill(&c[4096..8192], 0xcd, "1M+4K..1M+8K");
     assert_fill(&c[8192..], 0, "COW tail");
-    assert_fill(&read(&image, 3 * M, 192 * 1024), 0xef, "3M..");
+    assert_fill(&read_range(&image, 3 * M, 192 * 1024), 0xef, "3M..");
 }
 
 #[test]
 fn small_4k_layout_crosses_l2_tables() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("small-4k.qed"));
+    let image = open_ro(&dir.path().join("small-4k.qed"));
     let g = image.geometry();
     assert_eq!(g.entries_per_table(), 1024);
     assert_eq!(g.l2_coverage(), 4 << 20);
@@ -547,7 +512,7 @@ fn small_4k_layout_crosses_l2_tables() {
         ]
     );
     // The 512 bytes at 4194816 were COWed into a zeroed cluster.
-    let c = read(&image, 4194304, 4096);
+    let c = read_range(&image, 4194304, 4096);
     assert_fill(&c[..512], 0, "head");
     assert_fill(&c[512..1024], 0x22, "data");
     assert_fill(&c[1024..], 0, "tail");
@@ -556,7 +521,7 @@ fn small_4k_layout_crosses_l2_tables() {
 #[test]
 fn backing_overlay_with_raw_backing() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("backing-overlay.qed"));
+    let image = open_ro(&dir.path().join("backing-overlay.qed"));
     let info = image.info();
     assert_eq!(info.backing_file.as_deref(), Some("backing-base.raw"));
     assert_eq!(info.backing_format, Some(BackingFormat::Raw));
@@ -597,17 +562,17 @@ fn backing_overlay_with_raw_backing() {
             chain(311296, 212992, 1, ChainKind::Unallocated),
         ]
     );
-    let c = read(&image, 4096, 4096);
+    let c = read_range(&image, 4096, 4096);
     assert_fill(&c[..512], 0x11, "COW head from backing");
     assert_fill(&c[512..1536], 0xaa, "data");
     assert_fill(&c[1536..], 0x11, "COW tail from backing");
     assert_fill(
-        &read(&image, 65536, 8192),
+        &read_range(&image, 65536, 8192),
         0,
         "zero clusters hide the backing",
     );
     // L2[62..64]: front COW from backing (0x22), written data, zeros past backing EOF.
-    let c = read(&image, 253952, 12288);
+    let c = read_range(&image, 253952, 12288);
     assert_fill(&c[..2048], 0x22, "front COW");
     assert_fill(&c[2048..10240], 0xbb, "data");
     assert_fill(&c[10240..], 0, "beyond backing EOF");
@@ -616,7 +581,7 @@ fn backing_overlay_with_raw_backing() {
 #[test]
 fn chain_top_probes_qed_backing() {
     let Some(dir) = fixture_dir() else { return };
-    let top = ro(&dir.path().join("chain-top.qed"));
+    let top = open_ro(&dir.path().join("chain-top.qed"));
     let info = top.info();
     assert_eq!(info.header.features, 0x1);
     assert_eq!(info.backing_file.as_deref(), Some("chain-base.qed"));
@@ -647,10 +612,10 @@ fn chain_top_probes_qed_backing() {
             chain(12288, 512000, 1, host(32768)),
         ]
     );
-    assert_fill(&read(&top, 8192, 4096), 0xa5, "top data");
-    assert_fill(&read(&top, 0, 8192), 0x5a, "base data");
+    assert_fill(&read_range(&top, 8192, 4096), 0xa5, "top data");
+    assert_fill(&read_range(&top, 0, 8192), 0x5a, "base data");
 
-    let base = ro(&dir.path().join("chain-base.qed"));
+    let base = open_ro(&dir.path().join("chain-base.qed"));
     assert_eq!(extents(&base), vec![data(0, 524288, 20480)]);
     assert!(base.backing().is_none());
 }
@@ -679,7 +644,7 @@ fn unknown_compat_and_autoclear_bits() {
     let before = file_sha256(&path);
     // Read-only: the header is left alone.
     {
-        let image = ro(&path);
+        let image = open_ro(&path);
         assert_eq!(image.info().header.compat_features, 0x1);
         assert_eq!(image.info().header.autoclear_features, 0x10);
         assert_eq!(image_sha256(&image), ZERO_1M);
@@ -691,7 +656,7 @@ fn unknown_compat_and_autoclear_bits() {
     );
     assert_eq!(file_u64(&path, 32), 0x10);
     // Read-write: autoclear is reset on disk at open, compat stays.
-    let image = rw(&path);
+    let image = open_rw(&path);
     assert_eq!(
         file_u64(&path, 32),
         0,
@@ -711,7 +676,7 @@ fn table_size_1_opens_although_qemu_cannot() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("table-size-1.qed");
     {
-        let image = ro(&path);
+        let image = open_ro(&path);
         assert_eq!(image.geometry().table_size(), 1);
         assert_eq!(image.size(), 1 << 20);
         assert_eq!(image_sha256(&image), ZERO_1M);
@@ -719,12 +684,12 @@ fn table_size_1_opens_although_qemu_cannot() {
     }
     // Spec-valid: writes work too (4K/ts1: one L2 table of 512 entries maps 2 MiB).
     {
-        let image = rw(&path);
+        let image = open_rw(&path);
         image.write_at(&[0x42; 5000], 4000).unwrap();
         image.close().unwrap();
     }
-    let image = ro(&path);
-    let c = read(&image, 0, 12288);
+    let image = open_ro(&path);
+    let c = read_range(&image, 0, 12288);
     assert_fill(&c[..4000], 0, "before");
     assert_fill(&c[4000..9000], 0x42, "written");
     assert_fill(&c[9000..], 0, "after");
@@ -732,7 +697,7 @@ fn table_size_1_opens_although_qemu_cannot() {
     // QEMU 10.0.2 cannot open any table_size = 1 image (its table-offset check treats
     // `off + (ts - 1) * cs <= off` as overflow; reference §10 bug 1).
     if require_tool("qemu-img") {
-        let out = run("qemu-img", ["info", "-f", "qed", path.to_str().unwrap()]);
+        let out = qemu_img(["info", "-f", "qed", path.to_str().unwrap()]);
         assert_eq!(out.status, Some(1));
         assert!(
             out.stderr.contains("QED table offset is invalid"),
@@ -746,7 +711,7 @@ fn table_size_1_opens_although_qemu_cannot() {
 fn zero_size_image() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("zero-size.qed");
-    let image = rw(&path);
+    let image = open_rw(&path);
     assert_eq!(image.size(), 0);
     assert_eq!(extents(&image), vec![]);
     assert_eq!(image.chain_extents(0, 0).unwrap(), vec![]);
@@ -766,11 +731,11 @@ fn zero_size_image() {
 fn odd_size_image() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("odd-size.qed");
-    let image = rw(&path);
+    let image = open_rw(&path);
     assert_eq!(image.size(), 1536);
     // A whole 4 KiB cluster backs the 1.5 KiB disk.
     assert_eq!(extents(&image), vec![data(0, 1536, 20480)]);
-    let c = read(&image, 0, 1536);
+    let c = read_range(&image, 0, 1536);
     assert_fill(&c[..1024], 0, "head");
     assert_fill(&c[1024..], 0x17, "data");
     match image.write_at(&[0u8; 512], 1536) {
@@ -786,7 +751,7 @@ fn odd_size_image() {
         Err(Error::OutOfRange { .. })
     ));
     image.write_at(&[0x18; 512], 1024).unwrap();
-    assert_fill(&read(&image, 1024, 512), 0x18, "in-place write");
+    assert_fill(&read_range(&image, 1024, 512), 0x18, "in-place write");
     image.close().unwrap();
 }
 
@@ -795,7 +760,7 @@ fn trailing_garbage_is_overwritten_by_the_next_allocation() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("trailing-garbage.qed");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 41960);
-    let image = rw(&path);
+    let image = open_rw(&path);
     image.write_at(&[0x55; 4096], 65536).unwrap();
     // Allocation starts at the length rounded down to whole clusters.
     assert_eq!(
@@ -812,17 +777,14 @@ fn trailing_garbage_is_overwritten_by_the_next_allocation() {
     assert_eq!(bytes.len(), 45056);
     assert_fill(&bytes[40960..], 0x55, "garbage overwritten");
     assert_eq!(file_u64(&path, 24576 + 16 * 8), 40960, "L2[16]");
-    if require_tool("qemu-img") {
-        let report = qemu_check(&path);
-        assert_eq!(report.status, Some(0), "{}", report.raw);
-    }
+    assert_qemu_img_check(&path);
 }
 
 #[test]
 fn truncated_cluster_fails_only_there() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("truncated-cluster.qed"));
-    assert_fill(&read(&image, 0, 4096), 0x19, "first cluster");
+    let image = open_ro(&dir.path().join("truncated-cluster.qed"));
+    assert_fill(&read_range(&image, 0, 4096), 0x19, "first cluster");
     match image.read_at(&mut [0u8; 4096], 65536) {
         Err(Error::Corrupt {
             table: TableKind::L2,
@@ -850,8 +812,8 @@ fn truncated_cluster_fails_only_there() {
 #[test]
 fn l1_invalid_fails_only_in_its_range() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("l1-invalid.qed"));
-    assert_fill(&read(&image, 0, 4096), 0x15, "first cluster");
+    let image = open_ro(&dir.path().join("l1-invalid.qed"));
+    assert_fill(&read_range(&image, 0, 4096), 0x15, "first cluster");
     match image.read_at(&mut [0u8; 512], 8 << 20) {
         Err(Error::Corrupt {
             table: TableKind::L1,
@@ -876,7 +838,7 @@ fn dirty_needcheck_reads_but_refuses_writers() {
     let path = dir.path().join("dirty-needcheck.qed");
     let before = file_sha256(&path);
     {
-        let image = ro(&path);
+        let image = open_ro(&path);
         assert!(image.info().dirty);
         assert_eq!(
             image_sha256(&image),
@@ -892,7 +854,7 @@ fn dirty_needcheck_reads_but_refuses_writers() {
     // A writer checks and repairs the dirty image first: nothing to fix but the flag, so
     // the file ends up byte-identical to QEMU's repair of the same fixture.
     {
-        let image = rw(&path);
+        let image = open_rw(&path);
         let report = image.open_repair().expect("dirty image checked at open");
         assert!(report.is_clean(), "{report:?}");
         assert!(!image.info().dirty);
@@ -912,9 +874,9 @@ fn dirty_invalid_l2_reads_other_clusters() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("dirty-invalid-l2.qed");
     {
-        let image = ro(&path);
+        let image = open_ro(&path);
         assert!(image.info().dirty);
-        assert_fill(&read(&image, 0, 8192), 0x12, "valid clusters");
+        assert_fill(&read_range(&image, 0, 8192), 0x12, "valid clusters");
         match image.read_at(&mut [0u8; 4096], 20480) {
             Err(Error::Corrupt {
                 table: TableKind::L2,
@@ -934,7 +896,7 @@ fn dirty_invalid_l2_reads_other_clusters() {
     }
     // A writer repairs it at open: L2[5] cleared, flag cleared, file identical to QEMU's.
     {
-        let image = rw(&path);
+        let image = open_rw(&path);
         let report = image.open_repair().expect("dirty image checked at open");
         assert_eq!(report.corruptions_fixed, 1, "{report:?}");
         assert_eq!(report.corruptions, 0);
@@ -954,7 +916,7 @@ fn dirty_invalid_l2_reads_other_clusters() {
 fn leak_next_allocation_goes_after_the_leak() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("leak.qed");
-    let image = rw(&path);
+    let image = open_rw(&path);
     image.write_at(&[0x31; 4096], 65536).unwrap();
     assert_eq!(extents(&image)[2], data(65536, 4096, 49152));
     image.close().unwrap();
@@ -964,8 +926,12 @@ fn leak_next_allocation_goes_after_the_leak() {
 #[test]
 fn dup_ref_reads_the_shared_cluster_twice() {
     let Some(dir) = fixture_dir() else { return };
-    let image = ro(&dir.path().join("dup-ref.qed"));
-    assert_fill(&read(&image, 28672, 4096), 0x14, "L2[7] -> L2[0]'s cluster");
+    let image = open_ro(&dir.path().join("dup-ref.qed"));
+    assert_fill(
+        &read_range(&image, 28672, 4096),
+        0x14,
+        "L2[7] -> L2[0]'s cluster",
+    );
     assert_eq!(extents(&image)[2], data(28672, 4096, 20480));
 }
 
@@ -974,30 +940,28 @@ fn header_size_2_opens_and_allocates_at_eof() {
     let Some(dir) = fixture_dir() else { return };
     let path = dir.path().join("header-size-2.qed");
     {
-        let image = rw(&path);
+        let image = open_rw(&path);
         let info = image.info();
         assert_eq!(info.header.header_size, 2);
         assert_eq!(info.header.l1_table_offset, 8192);
         assert_eq!(info.backing_file.as_deref(), Some("backing-base.raw"));
         assert_eq!(info.backing_format, Some(BackingFormat::Raw));
-        assert_fill(&read(&image, 4096, 4096), 0x99, "existing data");
-        assert_fill(&read(&image, 0, 4096), 0x11, "backing data");
+        assert_fill(&read_range(&image, 4096, 4096), 0x99, "existing data");
+        assert_fill(&read_range(&image, 0, 4096), 0x11, "backing data");
         // Unallocated entry in the existing L2 table (28672): data at EOF (45056).
         image.write_at(&[0x5b; 1000], 65536 + 100).unwrap();
         assert_eq!(
             image.chain_extents(65536, 4096).unwrap(),
             vec![chain(65536, 4096, 0, host(45056))]
         );
-        let c = read(&image, 65536, 4096);
+        let c = read_range(&image, 65536, 4096);
         assert_fill(&c[..100], 0x11, "COW head from backing");
         assert_fill(&c[100..1100], 0x5b, "data");
         assert_fill(&c[1100..], 0x11, "COW tail from backing");
         image.close().unwrap();
     }
     assert_eq!(file_u64(&path, 28672 + 16 * 8), 45056, "L2[16]");
-    if require_tool("qemu-img") {
-        let report = qemu_check(&path);
-        assert_eq!(report.status, Some(0), "{}", report.raw);
+    if assert_qemu_img_check(&path) {
         qemu_io(
             &path,
             &[
@@ -1018,12 +982,12 @@ fn zero_then_partial_follows_the_spec() {
     let Some(dir) = fixture_dir() else { return };
     // QEMU's file, read by us: QEMU's hash (the COWed 0x11 bytes are really in the cluster).
     {
-        let image = ro(&dir.path().join("zero-then-partial.qed"));
+        let image = open_ro(&dir.path().join("zero-then-partial.qed"));
         assert_eq!(
             image_sha256(&image),
             "4f405581e091e4d448253248687c86cfd91229a6620f305a8387e8e084f63b73"
         );
-        let c = read(&image, 8192, 4096);
+        let c = read_range(&image, 8192, 4096);
         assert_fill(&c[..512], 0xdd, "data");
         assert_fill(&c[512..], 0x11, "QEMU copied backing data");
     }
@@ -1031,23 +995,17 @@ fn zero_then_partial_follows_the_spec() {
     let path = dir.path().join("ours-zero-then-partial.qed");
     Image::create(
         &path,
-        &CreateParams {
-            image_size: 256 << 10,
-            cluster_size: 4096,
-            table_size: 4,
-            backing_file: Some("backing-base.raw".into()),
-            backing_raw: true,
-        },
+        &params(256 << 10, 4096, 4, Some("backing-base.raw"), true),
     )
     .unwrap();
-    let image = rw(&path);
+    let image = open_rw(&path);
     image.write_zeroes_at(8192, 4096).unwrap();
     assert_eq!(
         image.chain_extents(8192, 4096).unwrap(),
         vec![chain(8192, 4096, 0, ChainKind::Zero)]
     );
     image.write_at(&[0xdd; 512], 8192).unwrap();
-    let c = read(&image, 8192, 4096);
+    let c = read_range(&image, 8192, 4096);
     assert_fill(&c[..512], 0xdd, "data");
     assert_fill(&c[512..], 0, "untouched part of a zero cluster");
     assert_eq!(
@@ -1055,15 +1013,13 @@ fn zero_then_partial_follows_the_spec() {
         "0df66a0e50d9f545584dc1ddaee0a0bc83a576f07571246f862d7d331863804f"
     );
     image.close().unwrap();
-    let image = ro(&path);
+    let image = open_ro(&path);
     assert_eq!(
         image_sha256(&image),
         "0df66a0e50d9f545584dc1ddaee0a0bc83a576f07571246f862d7d331863804f"
     );
     drop(image);
-    if require_tool("qemu-img") {
-        let report = qemu_check(&path);
-        assert_eq!(report.status, Some(0), "{}", report.raw);
+    if assert_qemu_img_check(&path) {
         let raw = dir.path().join("ours-zero-then-partial.raw");
         qemu_convert_raw(&path, "qed", &raw);
         assert_eq!(
@@ -1080,7 +1036,7 @@ fn unbacked_has_no_backing_file() {
     // The old name bytes are still in the header cluster.
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(&bytes[64..80], b"backing-base.raw");
-    let image = ro(&path);
+    let image = open_ro(&path);
     let info = image.info();
     assert_eq!(info.backing_file, None);
     assert_eq!(info.backing_path, None);

@@ -4,13 +4,15 @@
 
 #[path = "../../../fuzz/src/lib.rs"]
 mod harness;
+mod kit;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kit::{files_in, files_with_extension, fixture_images, panic_message, HOSTILE_DIR};
+
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-const HOSTILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/hostile");
 
 /// A fuzz target body.
 type Body = fn(&[u8]);
@@ -22,30 +24,13 @@ const TARGETS: [(&str, Body); 3] = [
     ("check_repair", harness::check_repair),
 ];
 
-fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-}
-
 /// Runs `body` on the input in `path`; returns a description of the panic, if any.
 fn replay(body: Body, path: &Path) -> Option<String> {
     let data = std::fs::read(path).expect("read corpus file");
     let outcome = catch_unwind(AssertUnwindSafe(|| body(&data)));
-    outcome.err().map(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        format!("{}: {msg}", path.display())
-    })
+    outcome
+        .err()
+        .map(|p| format!("{}: {}", path.display(), panic_message(p)))
 }
 
 #[test]
@@ -71,10 +56,8 @@ fn committed_corpus_replays_cleanly() {
 
 #[test]
 fn hostile_images_and_fixtures_replay_through_every_target() {
-    let mut sources = files_in(Path::new(HOSTILE));
-    sources.retain(|p| p.extension().is_some_and(|e| e == "qed"));
-    let fixtures = common_fixtures();
-    sources.extend(fixtures);
+    let mut sources = files_with_extension(Path::new(HOSTILE_DIR), "qed");
+    sources.extend(fixture_images());
     let mut failures = Vec::new();
     for (target, body) in TARGETS {
         for path in &sources {
@@ -82,34 +65,6 @@ fn hostile_images_and_fixtures_replay_through_every_target() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// The shared QEMU-made fixtures, if present (`QED_FIXTURES` overrides the directory).
-fn common_fixtures() -> Vec<PathBuf> {
-    let dir = std::env::var_os("QED_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../testdata/qemu-fixtures"
-            ))
-        });
-    let files: Vec<PathBuf> = files_in(&dir)
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "qed"))
-        .collect();
-    if files.is_empty() {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "fixtures not found at {}",
-            dir.display()
-        );
-        eprintln!(
-            "note: fixtures not found at {}; replaying the rest",
-            dir.display()
-        );
-    }
-    files
 }
 
 #[test]

@@ -2,16 +2,15 @@
 //! check and repair ends in the typed result the README lists — never a panic, a hang or an
 //! allocation out of proportion to the file.
 
-mod common;
+mod kit;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
+use kit::{panic_message, qemu_check, require_tool, run, scratch_copy, HOSTILE_DIR};
 use qed_image::{BackingPolicy, CheckReport, Error, Image, OpenOptions, Repair};
-
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/hostile");
 
 /// Reads at most this many clusters one by one (then only the edges of each extent).
 const MAX_CLUSTER_READS: u64 = 4096;
@@ -291,19 +290,6 @@ fn exercise(path: &Path, writable: bool, case: &Case) -> Outcome {
     out
 }
 
-/// A fresh directory holding a copy of every hostile image (backing names are relative).
-fn scratch() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(DATA).expect("hostile dir") {
-        let entry = entry.expect("entry");
-        let name = entry.file_name();
-        if name.to_string_lossy().ends_with(".qed") {
-            std::fs::copy(entry.path(), dir.path().join(&name)).expect("copy");
-        }
-    }
-    dir
-}
-
 fn prepare(dir: &Path, file: &str, case: &Case) -> PathBuf {
     let path = dir.join(file);
     if let Some(len) = case.extend_to {
@@ -319,14 +305,7 @@ fn prepare(dir: &Path, file: &str, case: &Case) -> PathBuf {
 fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("{what}: panicked: {msg}");
-        }
+        Err(p) => panic!("{what}: panicked: {}", panic_message(p)),
     }
 }
 
@@ -338,18 +317,10 @@ fn names_backing_file(path: &Path) -> bool {
 
 /// `qemu-img check` of a repaired image: no corruption left (exit 0, or 3 for leaks only).
 fn qemu_agrees(path: &Path, what: &str) {
-    let out = common::run(
-        "qemu-img",
-        [
-            std::ffi::OsStr::new("check"),
-            std::ffi::OsStr::new("-f"),
-            std::ffi::OsStr::new("qed"),
-            path.as_os_str(),
-        ],
-    );
+    let report = qemu_check(path);
     assert!(
-        matches!(out.status, Some(0 | 3)),
-        "{what}: qemu-img check of the repaired image: {out:?}"
+        matches!(report.status, Some(0 | 3)),
+        "{what}: qemu-img check of the repaired image: {report:?}"
     );
 }
 
@@ -417,13 +388,11 @@ fn every_hostile_image_gives_its_expected_result() {
 
 fn run_every_case() {
     let started = Instant::now();
-    let qemu = common::require_tool("qemu-img");
-    let mut files: Vec<String> = std::fs::read_dir(DATA)
-        .expect("hostile dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".qed"))
+    let qemu = require_tool("qemu-img");
+    let files: Vec<String> = kit::files_with_extension(Path::new(HOSTILE_DIR), "qed")
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
         .collect();
-    files.sort();
     let cases = cases();
     let mut runs: Vec<(String, &Case, bool)> = Vec::new();
     for file in &files {
@@ -445,7 +414,8 @@ fn run_every_case() {
                 ""
             }
         );
-        let dir = scratch();
+        // Backing names are relative: copy every image.
+        let dir = scratch_copy(Path::new(HOSTILE_DIR), &["qed"]);
         let path = prepare(dir.path(), &file, case);
         let ro = guarded(&format!("{what} read-only"), || {
             exercise(&path, false, case)
@@ -482,7 +452,8 @@ fn aliases_past_the_end_of_the_disk_are_cleared_not_copied() {
     // Every L1 entry shares one L2 table whose every entry shares one data cluster: giving
     // each reference its own copy would write 4 GiB. Only the references inside the virtual
     // disk get copies; the rest are cleared.
-    let bytes = std::fs::read(Path::new(DATA).join("l1-l2-duplicate-all.qed")).expect("read");
+    let bytes =
+        std::fs::read(Path::new(HOSTILE_DIR).join("l1-l2-duplicate-all.qed")).expect("read");
     let len = bytes.len() as u64;
     let storage = Arc::new(MemoryStorage::from_bytes(bytes));
     let image = Image::open_storage(Box::new(storage.clone()), &OpenOptions::read_write(), None)
@@ -540,14 +511,14 @@ fn a_repair_that_would_grow_too_far_changes_nothing() {
 
 #[test]
 fn committed_images_match_the_generator() {
-    if !common::require_tool("python3") {
+    if !require_tool("python3") {
         return;
     }
     let out = tempfile::tempdir().expect("tempdir");
-    common::run(
+    run(
         "python3",
         [
-            std::ffi::OsStr::new(&format!("{DATA}/make.py")),
+            std::ffi::OsStr::new(&format!("{HOSTILE_DIR}/make.py")),
             out.path().as_os_str(),
         ],
     )
@@ -556,7 +527,7 @@ fn committed_images_match_the_generator() {
     for entry in std::fs::read_dir(out.path()).expect("out dir") {
         let entry = entry.expect("entry");
         let name = entry.file_name();
-        let committed = std::fs::read(Path::new(DATA).join(&name))
+        let committed = std::fs::read(Path::new(HOSTILE_DIR).join(&name))
             .unwrap_or_else(|e| panic!("{name:?} is not committed: {e}"));
         assert!(
             committed == std::fs::read(entry.path()).expect("read"),
@@ -564,13 +535,7 @@ fn committed_images_match_the_generator() {
         );
         made += 1;
     }
-    let committed = std::fs::read_dir(DATA)
-        .expect("hostile dir")
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".qed"))
-        })
-        .count();
+    let committed = kit::files_with_extension(Path::new(HOSTILE_DIR), "qed").len();
     assert_eq!(
         made, committed,
         "images in the directory that make.py does not write"

@@ -9,149 +9,37 @@
 //! Every test needs `qemu-img`/`qemu-io`: without them it prints a note and passes, except
 //! under `CI=true` where it fails.
 
-mod common;
+mod kit;
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::*;
-use qed_image::{CreateParams, ExtentKind, Image, OpenOptions};
+use kit::*;
+use qed_image::Image;
 
-const PAGE: u64 = 4096;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 const TIB: u64 = 1024 * GIB;
 
-/// The expected guest contents: a base (the backing file's bytes, zeros past them) and the
-/// 4 KiB pages written since, so that multi-GiB sparse disks stay cheap.
-struct Model {
-    size: u64,
-    base: Vec<u8>,
-    pages: BTreeMap<u64, Vec<u8>>,
-}
-
-impl Model {
-    fn new(size: u64, base: Vec<u8>) -> Self {
-        Self {
-            size,
-            base,
-            pages: BTreeMap::new(),
-        }
-    }
-
-    /// The base bytes of `[start, end)` (zeros past the base).
-    fn base_range(&self, start: u64, end: u64) -> Vec<u8> {
-        let mut out = vec![0u8; (end - start) as usize];
-        let have = (self.base.len() as u64).clamp(start, end);
-        if have > start {
-            out[..(have - start) as usize]
-                .copy_from_slice(&self.base[start as usize..have as usize]);
-        }
-        out
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        assert!(offset + data.len() as u64 <= self.size);
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let page = pos / PAGE * PAGE;
-            let in_page = (pos - page) as usize;
-            let n = (PAGE as usize - in_page).min(data.len() - done);
-            if !self.pages.contains_key(&page) {
-                let base = self.base_range(page, page + PAGE);
-                self.pages.insert(page, base);
-            }
-            let entry = self.pages.get_mut(&page).unwrap();
-            entry[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
-            done += n;
-        }
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) {
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(MIB);
-            self.write(pos, &vec![0u8; n as usize]);
-            pos += n;
-        }
-    }
-
-    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len as usize);
-        let mut pos = offset;
-        while pos < offset + len {
-            let page = pos / PAGE * PAGE;
-            let end = (page + PAGE).min(offset + len);
-            match self.pages.get(&page) {
-                Some(bytes) => {
-                    out.extend_from_slice(&bytes[(pos - page) as usize..(end - page) as usize])
-                }
-                None => out.extend_from_slice(&self.base_range(pos, end)),
-            }
-            pos = end;
-        }
-        out
-    }
-
-    /// A sparse raw file with the expected contents.
-    fn write_raw(&self, path: &Path) {
-        let f = File::create(path).unwrap();
-        f.set_len(self.size).unwrap();
-        let base_len = (self.base.len() as u64).min(self.size) as usize;
-        f.write_all_at(&self.base[..base_len], 0).unwrap();
-        for (&page, bytes) in &self.pages {
-            let n = (self.size - page).min(PAGE) as usize;
-            f.write_all_at(&bytes[..n], page).unwrap();
-        }
-    }
-
-    /// Guest ranges worth comparing: everything written, the base, and the last bytes.
-    fn interesting_ranges(&self) -> Vec<(u64, u64)> {
-        let mut ranges = Vec::new();
-        for &page in self.pages.keys() {
-            match ranges.last_mut() {
-                Some((start, len)) if *start + *len == page => *len += PAGE,
-                _ => ranges.push((page, PAGE)),
-            }
-        }
-        ranges.push((0, (self.base.len() as u64 + PAGE).min(self.size)));
-        let tail = self.size.min(64 * KIB);
-        ranges.push((self.size - tail, tail));
-        ranges
-            .into_iter()
-            .map(|(s, l)| (s, l.min(self.size - s)))
-            .collect()
-    }
+/// Guest ranges worth comparing: everything written, the backing data and a page past it,
+/// and the last bytes.
+fn interesting_ranges(model: &SparseDisk) -> Vec<(u64, u64)> {
+    let mut ranges = model.written_runs();
+    ranges.push((0, (model.base.data_len() + PAGE).min(model.size)));
+    let tail = model.size.min(64 * KIB);
+    ranges.push((model.size - tail, tail));
+    ranges
 }
 
 /// Compares the engine's reads with the model over the interesting ranges and random probes.
-fn verify_against_model(image: &Image, model: &Model, rng: &mut XorShift64, what: &str) {
-    let mut ranges = model.interesting_ranges();
+fn verify_against_model(image: &Image, model: &SparseDisk, rng: &mut Rng, what: &str) {
+    let mut ranges = interesting_ranges(model);
     for _ in 0..16 {
-        let len = rng.range(1, 64 * KIB).min(model.size);
-        ranges.push((rng.range(0, model.size - len + 1), len));
+        let len = rng.range(1..64 * KIB).min(model.size);
+        ranges.push((rng.range(0..=model.size - len), len));
     }
     for (offset, len) in ranges {
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(4 * MIB);
-            let mut buf = vec![0u8; n as usize];
-            image.read_at(&mut buf, pos).unwrap();
-            let want = model.read(pos, n);
-            if let Some(i) = (0..buf.len()).find(|&i| buf[i] != want[i]) {
-                panic!(
-                    "{what}: guest byte {} reads {:#04x}, expected {:#04x}",
-                    pos + i as u64,
-                    buf[i],
-                    want[i]
-                );
-            }
-            pos += n;
-        }
+        check_range(image, model, offset, len, what);
     }
 }
 
@@ -165,34 +53,8 @@ enum Backing {
     Qed(u64),
 }
 
-fn create(path: &Path, size: u64, cs: u32, ts: u32, backing: Option<(&str, bool)>) {
-    Image::create(
-        path,
-        &CreateParams {
-            image_size: size,
-            cluster_size: cs,
-            table_size: ts,
-            backing_file: backing.map(|(n, _)| n.to_string()),
-            backing_raw: backing.is_some_and(|(_, raw)| raw),
-        },
-    )
-    .unwrap();
-}
-
-fn open_rw(path: &Path) -> Image {
-    Image::open(path, &OpenOptions::read_write()).unwrap()
-}
-
-fn open_ro(path: &Path) -> Image {
-    Image::open(path, &OpenOptions::read_only()).unwrap()
-}
-
 /// Makes the backing file with our engine; returns its name and its guest contents.
-fn make_backing(
-    dir: &Path,
-    backing: Backing,
-    rng: &mut XorShift64,
-) -> Option<(String, bool, Vec<u8>)> {
+fn make_backing(dir: &Path, backing: Backing, rng: &mut Rng) -> Option<(String, bool, Vec<u8>)> {
     match backing {
         Backing::None => None,
         Backing::Raw(len) => {
@@ -202,12 +64,12 @@ fn make_backing(
         }
         Backing::Qed(len) => {
             let path = dir.join("base.qed");
-            create(&path, len, 4096, 4, None);
-            let mut model = Model::new(len, Vec::new());
+            Image::create(&path, &params(len, 4096, 4, None, false)).unwrap();
+            let mut model = SparseDisk::new(len, Base::Zeros);
             let image = open_rw(&path);
             for _ in 0..24 {
-                let off = rng.range(0, len - 1);
-                let n = rng.range(1, 40 * KIB).min(len - off);
+                let off = rng.range(0..len - 1);
+                let n = rng.range(1..40 * KIB).min(len - off);
                 let data = rng.bytes(n as usize);
                 image.write_at(&data, off).unwrap();
                 model.write(off, &data);
@@ -216,33 +78,17 @@ fn make_backing(
             image.write_zeroes_at(8 * KIB, 16 * KIB).unwrap();
             model.zero(8 * KIB, 16 * KIB);
             image.close().unwrap();
-            let contents = model.read(0, len);
+            let contents = model.read_vec(0, len);
             Some(("base.qed".into(), false, contents))
         }
     }
 }
 
-/// Whole clusters a discard of `[offset, offset + len)` drops (the engine's rule: whole
-/// clusters only, and the last cluster counts as whole when the request reaches the end).
-fn discard_range(size: u64, cs: u64, offset: u64, len: u64) -> (u64, u64) {
-    let start = offset.div_ceil(cs) * cs;
-    let end = if offset + len == size {
-        size.div_ceil(cs) * cs
-    } else {
-        (offset + len) / cs * cs
-    };
-    (start, end.max(start))
-}
-
-/// Data clusters of `image` (not of its backing file) in `[start, end)`.
-fn data_clusters(image: &Image, start: u64, end: u64) -> u64 {
-    let cs = image.cluster_size();
-    image
-        .extents(start, end - start)
-        .map(|e| e.unwrap())
-        .filter(|e| matches!(e.kind, ExtentKind::Data { .. }))
-        .map(|e| (e.offset + e.length).div_ceil(cs) - e.offset / cs)
-        .sum()
+/// The name and rawness of a backing file made by [`make_backing`], for [`params`].
+fn backing_name(backing: &Option<(String, bool, Vec<u8>)>) -> (Option<&str>, bool) {
+    backing
+        .as_ref()
+        .map_or((None, false), |(name, raw, _)| (Some(name.as_str()), *raw))
 }
 
 struct Scenario {
@@ -261,19 +107,18 @@ fn engine_writes_qemu_reads(s: Scenario) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = XorShift64::new(s.seed);
+    let mut rng = Rng::new(s.seed);
     let backing = make_backing(dir.path(), s.backing, &mut rng);
     let path = dir.path().join("img.qed");
-    create(
+    let (name, raw) = backing_name(&backing);
+    Image::create(
         &path,
-        s.size,
-        s.cluster_size,
-        s.table_size,
-        backing.as_ref().map(|(n, raw, _)| (n.as_str(), *raw)),
-    );
+        &params(s.size, s.cluster_size, s.table_size, name, raw),
+    )
+    .unwrap();
     let base = backing.map(|(_, _, c)| c).unwrap_or_default();
     let base_len = base.len() as u64;
-    let mut model = Model::new(s.size, base);
+    let mut model = SparseDisk::new(s.size, Base::bytes(base));
     let cs = u64::from(s.cluster_size);
     let l2_coverage = open_ro(&path).geometry().l2_coverage();
     // Places where interesting things happen; most offsets are drawn near one of them so that
@@ -287,20 +132,20 @@ fn engine_writes_qemu_reads(s: Scenario) {
         hot.push(boundary - 2 * cs);
         boundary += l2_coverage;
     }
-    let pick = |rng: &mut XorShift64, max_len: u64| -> (u64, u64) {
+    let pick = |rng: &mut Rng, max_len: u64| -> (u64, u64) {
         let at = if rng.chance(1, 4) {
-            rng.range(0, s.size)
+            rng.range(0..s.size)
         } else {
-            let h = hot[rng.range(0, hot.len() as u64) as usize];
-            (h + rng.range(0, 6 * cs)).min(s.size - 1)
+            let h = hot[rng.range(0..hot.len() as u64) as usize];
+            (h + rng.range(0..6 * cs)).min(s.size - 1)
         };
-        let len = rng.range(1, max_len + 1).min(s.size - at);
+        let len = rng.range(1..=max_len).min(s.size - at);
         (at, len)
     };
-    let mut discarded = 0u64;
+    let mut discarded_clusters = 0u64;
     let mut image = open_rw(&path);
     for step in 0..s.ops {
-        let what = rng.range(0, 100);
+        let what = rng.range(0..100);
         match what {
             // Random data, from a few bytes to a few clusters.
             0..=34 => {
@@ -318,10 +163,10 @@ fn engine_writes_qemu_reads(s: Scenario) {
             }
             // A write crossing an L2-table boundary.
             50..=59 if s.size > l2_coverage => {
-                let k = rng.range(1, s.size.div_ceil(l2_coverage));
-                let at = k * l2_coverage - rng.range(1, 2 * cs);
+                let k = rng.range(1..s.size.div_ceil(l2_coverage));
+                let at = k * l2_coverage - rng.range(1..2 * cs);
                 let len = rng
-                    .range(at.abs_diff(k * l2_coverage) + 1, 4 * cs)
+                    .range(at.abs_diff(k * l2_coverage) + 1..4 * cs)
                     .min(s.size - at);
                 let data = rng.bytes(len as usize);
                 image.write_at(&data, at).unwrap();
@@ -339,12 +184,10 @@ fn engine_writes_qemu_reads(s: Scenario) {
             }
             75..=86 if s.discard => {
                 let (at, len) = pick(&mut rng, 4 * cs);
-                let (start, end) = discard_range(s.size, cs, at, len);
-                if start < end {
-                    discarded += data_clusters(&image, start, end);
-                }
+                let zeroed = discarded(s.size, cs, at, len);
+                discarded_clusters += data_clusters(&image, zeroed.start, zeroed.end);
                 image.discard(at, len).unwrap();
-                model.zero(start, end.min(s.size) - start);
+                model.zero(zeroed.start, zeroed.end - zeroed.start);
             }
             87..=92 => image.flush().unwrap(),
             93..=99 => {
@@ -354,11 +197,9 @@ fn engine_writes_qemu_reads(s: Scenario) {
             _ => {}
         }
         if step % 16 == 0 {
-            let len = rng.range(1, 8 * cs).min(s.size);
-            let at = rng.range(0, s.size - len + 1);
-            let mut buf = vec![0u8; len as usize];
-            image.read_at(&mut buf, at).unwrap();
-            assert!(buf == model.read(at, len), "step {step}: read {len}@{at}");
+            let len = rng.range(1..8 * cs).min(s.size);
+            let at = rng.range(0..=s.size - len);
+            check_range(&image, &model, at, len, &format!("step {step}"));
         }
     }
     verify_against_model(&image, &model, &mut rng, "before close");
@@ -377,7 +218,7 @@ fn engine_writes_qemu_reads(s: Scenario) {
     assert_eq!(report.status, Some(0), "{}", report.raw);
     if s.discard {
         assert!(
-            discarded > 0,
+            discarded_clusters > 0,
             "the workload should have discarded allocated clusters"
         );
     }
@@ -386,9 +227,9 @@ fn engine_writes_qemu_reads(s: Scenario) {
         // QEMU 10.0.2 aborts in block status (`qemu-img compare`/`map`: assertion `*pnum && ...`
         // in bdrv_co_do_block_status) on any QED image whose L2 table holds a run of 4 GiB or
         // more, even on images it wrote itself. So let QEMU read windows of the disk instead.
-        for (offset, len) in windows(&model.interesting_ranges(), 16 * MIB) {
+        for (offset, len) in windows(&interesting_ranges(&model), 16 * MIB) {
             let got = qemu_read_window(&path, offset, len);
-            if got != model.read(offset, len) {
+            if got != model.read_vec(offset, len) {
                 panic!("QEMU reads the window {len}@{offset} differently from the model");
             }
         }
@@ -411,24 +252,6 @@ fn windows(ranges: &[(u64, u64)], gap: u64) -> Vec<(u64, u64)> {
         }
     }
     out
-}
-
-/// `len` guest bytes at `offset` as QEMU reads them: `qemu-img convert` of a raw-format
-/// window (`offset`/`size` options of the raw driver) over the QED image.
-fn qemu_read_window(path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let spec = format!(
-        r#"json:{{"driver":"raw","offset":{offset},"size":{len},"file":{{"driver":"qed","file":{{"driver":"file","filename":"{}"}}}}}}"#,
-        path.display()
-    );
-    let out = path.with_extension("window.raw");
-    run(
-        "qemu-img",
-        ["convert", "-O", "raw", spec.as_str(), out.to_str().unwrap()],
-    )
-    .expect_status(0, "qemu-img convert of a window");
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    bytes
 }
 
 #[test]
@@ -510,17 +333,17 @@ fn engine_1m_ts16_raw_backing_across_2t() {
 }
 
 /// A pattern byte for qemu-io (never 0, so written ranges differ from holes).
-fn pattern(rng: &mut XorShift64) -> u8 {
-    rng.range(1, 256) as u8
+fn pattern(rng: &mut Rng) -> u8 {
+    rng.range(1..256) as u8
 }
 
 /// A seeded qemu-io workload: pattern writes and zero writes of random offsets and lengths.
-fn qemu_workload(rng: &mut XorShift64, size: u64, cs: u64, n: usize) -> Vec<String> {
+fn qemu_workload(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<String> {
     (0..n)
         .map(|_| {
             let max = if rng.chance(1, 3) { 600 } else { 3 * cs };
-            let off = rng.range(0, size);
-            let len = rng.range(1, max + 1).min(size - off);
+            let off = rng.range(0..size);
+            let len = rng.range(1..=max).min(size - off);
             if rng.chance(1, 4) {
                 // Aligned or not: QEMU turns whole clusters into zero clusters.
                 let (off, len) = if rng.chance(1, 2) {
@@ -559,20 +382,8 @@ fn assert_reads_like_qemu_convert(path: &Path) {
     assert_eq!(ours, qemu_map(path), "{}: map", path.display());
 }
 
-fn qemu_create(path: &Path, size: u64, cs: u64, ts: u32, backing: Option<(&str, &str)>) {
-    let opts = format!("cluster_size={cs},table_size={ts}");
-    let size = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qed", "-o", &opts];
-    if let Some((name, fmt)) = backing {
-        args.extend(["-b", name, "-F", fmt]);
-    }
-    args.push(path.to_str().unwrap());
-    args.push(&size);
-    run("qemu-img", args).expect_status(0, "qemu-img create");
-}
-
 /// Makes a backing file with QEMU's tools in `dir`; returns its name and format.
-fn qemu_backing(dir: &Path, kind: Backing, rng: &mut XorShift64) -> Option<(String, &'static str)> {
+fn qemu_backing(dir: &Path, kind: Backing, rng: &mut Rng) -> Option<(String, &'static str)> {
     match kind {
         Backing::None => None,
         Backing::Raw(len) => {
@@ -594,7 +405,7 @@ fn qemu_writes_engine_reads(cs: u64, ts: u32, size: u64, backing: Backing, seed:
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = XorShift64::new(seed);
+    let mut rng = Rng::new(seed);
     let base = qemu_backing(dir.path(), backing, &mut rng);
     let path = dir.path().join("img.qed");
     qemu_create(
@@ -642,24 +453,22 @@ fn engine_then_qemu_then_engine(cs: u32, ts: u32, size: u64, backing: Backing, s
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = XorShift64::new(seed);
+    let mut rng = Rng::new(seed);
     let backing = make_backing(dir.path(), backing, &mut rng);
     let has_backing = backing.is_some();
     let path: PathBuf = dir.path().join("img.qed");
-    create(
-        &path,
+    let (name, raw) = backing_name(&backing);
+    Image::create(&path, &params(size, cs, ts, name, raw)).unwrap();
+    let mut model = SparseDisk::new(
         size,
-        cs,
-        ts,
-        backing.as_ref().map(|(n, raw, _)| (n.as_str(), *raw)),
+        Base::bytes(backing.map(|(_, _, c)| c).unwrap_or_default()),
     );
-    let mut model = Model::new(size, backing.map(|(_, _, c)| c).unwrap_or_default());
     let cs64 = u64::from(cs);
-    let engine_round = |model: &mut Model, rng: &mut XorShift64| {
+    let engine_round = |model: &mut SparseDisk, rng: &mut Rng| {
         let image = open_rw(&path);
         for _ in 0..60 {
-            let off = rng.range(0, size);
-            let len = rng.range(1, 3 * cs64).min(size - off);
+            let off = rng.range(0..size);
+            let len = rng.range(1..3 * cs64).min(size - off);
             if rng.chance(1, 5) {
                 image.write_zeroes_at(off, len).unwrap();
                 model.zero(off, len);

@@ -1,25 +1,13 @@
 //! Open-time limits, backing-chain resolution and the NEED_CHECK lifecycle.
 
+mod kit;
+
 use std::path::Path;
 use std::time::Duration;
 
+use kit::{assert_fill, header_of, params, patch_file, read_range};
 use qed_image::format::{Header, FEATURE_NEED_CHECK};
-use qed_image::{BackingPolicy, CreateParams, Error, Image, OpenOptions};
-
-fn params(size: u64, cs: u32, backing: Option<&str>, raw: bool) -> CreateParams {
-    CreateParams {
-        image_size: size,
-        cluster_size: cs,
-        table_size: 4,
-        backing_file: backing.map(str::to_owned),
-        backing_raw: raw,
-    }
-}
-
-fn header_of(path: &Path) -> Header {
-    let bytes = std::fs::read(path).unwrap();
-    Header::decode(&bytes).unwrap()
-}
+use qed_image::{BackingPolicy, Error, Image, OpenOptions};
 
 #[test]
 fn huge_l1_table_is_refused_without_allocating() {
@@ -59,16 +47,12 @@ fn relative_backing_names_resolve_against_the_image_directory() {
     std::fs::create_dir(&sub).unwrap();
     std::fs::write(sub.join("base.raw"), vec![0x5a; 8192]).unwrap();
     let top = sub.join("top.qed");
-    Image::create(&top, &params(16384, 4096, Some("base.raw"), true)).unwrap();
+    Image::create(&top, &params(16384, 4096, 4, Some("base.raw"), true)).unwrap();
     // Open from another working directory: the name is relative to sub/, not the CWD.
     let img = Image::open(&top, &OpenOptions::read_only()).unwrap();
-    let mut buf = vec![0u8; 16384];
-    img.read_at(&mut buf, 0).unwrap();
-    assert!(buf[..8192].iter().all(|&b| b == 0x5a));
-    assert!(
-        buf[8192..].iter().all(|&b| b == 0),
-        "past the backing end reads zeros"
-    );
+    let buf = read_range(&img, 0, 16384);
+    assert_fill(&buf[..8192], 0x5a, "backing data");
+    assert_fill(&buf[8192..], 0, "past the backing end");
     assert_eq!(img.info().backing_path.unwrap(), sub.join("base.raw"));
 }
 
@@ -77,7 +61,7 @@ fn backing_policy_deny_and_ignore() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("base.raw"), vec![0x5a; 4096]).unwrap();
     let top = dir.path().join("top.qed");
-    Image::create(&top, &params(4096, 4096, Some("base.raw"), true)).unwrap();
+    Image::create(&top, &params(4096, 4096, 4, Some("base.raw"), true)).unwrap();
     let deny = OpenOptions {
         backing: BackingPolicy::Deny,
         ..OpenOptions::read_only()
@@ -101,13 +85,13 @@ fn backing_loops_are_detected() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.qed");
     let b = dir.path().join("b.qed");
-    Image::create(&a, &params(65536, 4096, Some("b.qed"), false)).unwrap();
-    Image::create(&b, &params(65536, 4096, Some("a.qed"), false)).unwrap();
+    Image::create(&a, &params(65536, 4096, 4, Some("b.qed"), false)).unwrap();
+    Image::create(&b, &params(65536, 4096, 4, Some("a.qed"), false)).unwrap();
     let err = Image::open(&a, &OpenOptions::read_only()).unwrap_err();
     assert!(matches!(err, Error::Chain(_)), "{err}");
     // An image naming itself.
     let c = dir.path().join("c.qed");
-    Image::create(&c, &params(65536, 4096, Some("c.qed"), false)).unwrap();
+    Image::create(&c, &params(65536, 4096, 4, Some("c.qed"), false)).unwrap();
     let err = Image::open(&c, &OpenOptions::read_write()).unwrap_err();
     assert!(matches!(err, Error::Chain(_)), "{err}");
 }
@@ -118,14 +102,14 @@ fn deep_chains_are_cut_off() {
     let depth = qed_image::MAX_CHAIN_DEPTH + 3;
     Image::create(
         &dir.path().join("l0.qed"),
-        &params(65536, 4096, None, false),
+        &params(65536, 4096, 4, None, false),
     )
     .unwrap();
     for i in 1..depth {
         let name = format!("l{}.qed", i - 1);
         Image::create(
             &dir.path().join(format!("l{i}.qed")),
-            &params(65536, 4096, Some(&name), false),
+            &params(65536, 4096, 4, Some(&name), false),
         )
         .unwrap();
     }
@@ -139,7 +123,7 @@ fn deep_chains_are_cut_off() {
 fn need_check_is_set_before_tables_change_and_cleared_when_idle() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.qed");
-    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    Image::create(&path, &params(1 << 20, 4096, 4, None, false)).unwrap();
     let options = OpenOptions {
         clean_after: Duration::from_millis(100),
         ..OpenOptions::read_write()
@@ -168,21 +152,17 @@ fn need_check_is_set_before_tables_change_and_cleared_when_idle() {
     img.close().unwrap();
     assert_eq!(header_of(&path).features & FEATURE_NEED_CHECK, 0);
     let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    img.read_at(&mut buf, 65536).unwrap();
-    assert!(buf.iter().all(|&b| b == 8));
+    assert_fill(&read_range(&img, 65536, 4096), 8, "written before close");
 }
 
 #[test]
 fn dirty_image_opens_read_only_and_is_repaired_by_a_writable_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dirty.qed");
-    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    Image::create(&path, &params(1 << 20, 4096, 4, None, false)).unwrap();
     let mut header = header_of(&path);
     header.features |= FEATURE_NEED_CHECK;
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0).unwrap();
-    drop(file);
+    patch_file(&path, 0, &header.encode());
     let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
     assert!(img.info().dirty);
     drop(img);
@@ -200,7 +180,7 @@ fn dirty_image_opens_read_only_and_is_repaired_by_a_writable_open() {
 fn read_only_images_refuse_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ro.qed");
-    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    Image::create(&path, &params(1 << 20, 4096, 4, None, false)).unwrap();
     let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
     assert!(matches!(img.write_at(&[1], 0), Err(Error::ReadOnly)));
     assert!(matches!(img.write_zeroes_at(0, 4096), Err(Error::ReadOnly)));
@@ -216,17 +196,15 @@ fn read_only_images_refuse_writes() {
 fn create_does_not_truncate_an_image_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("busy.qed");
-    Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap();
+    Image::create(&path, &params(1 << 20, 4096, 4, None, false)).unwrap();
     let img = Image::open(&path, &OpenOptions::read_write()).unwrap();
     img.write_at(&[3; 4096], 0).unwrap();
     img.flush().unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
-    let err = Image::create(&path, &params(1 << 20, 4096, None, false)).unwrap_err();
+    let err = Image::create(&path, &params(1 << 20, 4096, 4, None, false)).unwrap_err();
     assert!(err.to_string().contains("lock"), "{err}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
-    let mut buf = vec![0u8; 4096];
-    img.read_at(&mut buf, 0).unwrap();
-    assert!(buf.iter().all(|&b| b == 3));
+    assert_fill(&read_range(&img, 0, 4096), 3, "the image in use");
 }
 
 #[test]
@@ -235,7 +213,7 @@ fn o_direct_cache_mode_round_trips() {
     let base = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let dir = tempfile::tempdir_in(&base).unwrap();
     let path = dir.path().join("direct.qed");
-    Image::create(&path, &params(8 << 20, 65536, None, false)).unwrap();
+    Image::create(&path, &params(8 << 20, 65536, 4, None, false)).unwrap();
     let options = OpenOptions {
         cache: qed_image::CacheMode::None,
         ..OpenOptions::read_write()
@@ -274,15 +252,13 @@ fn header_rewrites_keep_the_rest_of_the_header_cluster() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("base.raw"), vec![0x11; 65536]).unwrap();
     let path = dir.path().join("tail.qed");
-    Image::create(&path, &params(1 << 20, 4096, Some("base.raw"), true)).unwrap();
+    Image::create(&path, &params(1 << 20, 4096, 4, Some("base.raw"), true)).unwrap();
     // Unknown extension bytes after the backing name, and an unknown autoclear bit.
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let extension: Vec<u8> = (0..200u8).collect();
-    std::os::unix::fs::FileExt::write_all_at(&file, &extension, 1000).unwrap();
+    patch_file(&path, 1000, &extension);
     let mut header = header_of(&path);
     header.autoclear_features = 0x10;
-    std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0).unwrap();
-    drop(file);
+    patch_file(&path, 0, &header.encode());
     let tail = |p: &Path| std::fs::read(p).unwrap()[64..4096].to_vec();
     let before = tail(&path);
     // Autoclear reset at open, NEED_CHECK set by allocation and cleared at close: three

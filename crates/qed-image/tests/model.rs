@@ -2,7 +2,7 @@
 //! every step, over four geometries and three kinds of backing layer; and a light
 //! crash-ordering check of what a flush makes durable.
 
-mod support;
+mod kit;
 
 use std::sync::Arc;
 
@@ -11,7 +11,8 @@ use proptest::test_runner::{Config, RngSeed};
 use qed_image::storage::{MemoryStorage, Storage};
 use qed_image::{Image, OpenOptions};
 
-use support::*;
+use kit::Rng;
+use kit::*;
 
 /// Where an operation lands: near one of the interesting points of the disk (start, the L2
 /// table boundaries, the end), a few clusters either side, at any byte, sector or cluster
@@ -148,10 +149,6 @@ impl Disk {
     fn align_down(&self, x: u64) -> u64 {
         x - x % self.cs
     }
-
-    fn align_up(&self, x: u64) -> u64 {
-        x.div_ceil(self.cs) * self.cs
-    }
 }
 
 /// The backing layer of a case and the model of what it reads.
@@ -178,13 +175,13 @@ fn make_backing(kind: Backing, disk: &Disk, case: &Case, cs: u32, ts: u32) -> (B
             let storage = create_memory(&params(size, cs, ts, None, false));
             let image = open_shared(&storage, &rw_options(), None);
             let mut model = SparseDisk::new(size, Base::Zeros);
-            let mut rng = SeqRng::new(case.seed);
+            let mut rng = Rng::new(case.seed);
             for i in 0..12 {
                 let anchor = disk.anchors[(i % 5) as usize];
                 let hi = (anchor + 3 * disk.cs).min(size);
                 let lo = anchor.saturating_sub(3 * disk.cs).min(hi - 1);
-                let off = rng.range(lo, hi);
-                let n = rng.range(1, 3 * disk.cs).min(size - off);
+                let off = rng.range(lo..hi);
+                let n = rng.range(1..3 * disk.cs).min(size - off);
                 let data = pattern(seed + 500 + i, off, n as usize);
                 image.write_at(&data, off).unwrap();
                 model.write(off, &data);
@@ -259,18 +256,9 @@ fn run(cluster_size: u32, table_size: u32, kind: Backing, case: &Case) {
             Op::Discard { at, len } => {
                 let off = disk.offset(at);
                 let n = disk.len(off, len);
-                let end = off + n;
-                // Whole clusters only; the last one counts as whole at the end of the disk.
-                let start = disk.align_up(off);
-                let end = if end == disk.size {
-                    disk.align_up(end)
-                } else {
-                    disk.align_down(end)
-                };
+                let zeroed = discarded(disk.size, cs, off, n);
                 image.discard(off, n).unwrap();
-                if start < end {
-                    model.zero(start, end.min(disk.size) - start);
-                }
+                model.zero(zeroed.start, zeroed.end - zeroed.start);
                 Some((off, n))
             }
             Op::Read { at, len } => {
@@ -415,7 +403,7 @@ fn crash_at_every_flush(cluster_size: u32, table_size: u32, kind: Backing, seed:
     );
 
     // Phases of operations, each ended by a flush; models[k] holds the disk after phase k.
-    let mut rng = SeqRng::new(seed);
+    let mut rng = Rng::new(seed);
     let mut model = SparseDisk::new(disk.size, base);
     let mut models = vec![model.clone()];
     let mut phases: Vec<Vec<CrashOp>> = Vec::new();
@@ -424,20 +412,20 @@ fn crash_at_every_flush(cluster_size: u32, table_size: u32, kind: Backing, seed:
         let mut ops = Vec::new();
         for i in 0..6 {
             let at = Spot {
-                anchor: rng.range(0, 5) as u8,
-                clusters: rng.range(0, 7) as i8 - 3,
+                anchor: rng.range(0..5) as u8,
+                clusters: rng.range(0..7) as i8 - 3,
                 bytes: rng.next_u64() as u32,
-                align: rng.range(0, 3) as u8,
+                align: rng.range(0..3) as u8,
             };
             let off = disk.offset(at);
             let n = disk.len(
                 off,
                 Len {
-                    kind: rng.range(0, 3) as u8,
+                    kind: rng.range(0..3) as u8,
                     value: rng.next_u64() as u32,
                 },
             );
-            let op = match rng.range(0, 8) {
+            let op = match rng.range(0..8) {
                 0 => CrashOp::WriteZeroes(off, n),
                 1 => CrashOp::Discard(off, n),
                 _ => CrashOp::Write(off, pattern(seed * 100 + phase * 10 + i, off, n as usize)),
@@ -453,11 +441,8 @@ fn crash_at_every_flush(cluster_size: u32, table_size: u32, kind: Backing, seed:
                 }
                 CrashOp::Discard(off, n) => {
                     image.discard(*off, *n).unwrap();
-                    let start = disk.align_up(*off);
-                    let end = disk.align_down(off + n);
-                    if start < end {
-                        model.zero(start, end - start);
-                    }
+                    let zeroed = discarded(disk.size, cs, *off, *n);
+                    model.zero(zeroed.start, zeroed.end - zeroed.start);
                 }
             }
             ops.push(op);
