@@ -106,6 +106,9 @@ mod tests {
         assert!(b.get(3) && b.get(130) && !b.get(4) && !b.get(10_000));
         assert_eq!(b.end(), 131);
         assert_eq!(b.count_clear(0, 200), 198);
+        assert_eq!(b.count_clear(3, 131), 126);
+        assert_eq!(b.count_clear(4, 130), 126);
+        assert_eq!(b.count_clear(0, 1 << 40), (1 << 40) - 2);
         assert_eq!(b.clear_bits(2, 6).collect::<Vec<_>>(), vec![2, 4, 5]);
         assert_eq!(b.set_bits_down(0, 1000).collect::<Vec<_>>(), vec![130, 3]);
         b.clear(130);

@@ -161,6 +161,78 @@ impl Iterator for Extents<'_> {
     }
 }
 
+/// Extents of one image in which data whose host bytes are a hole in the image file (space
+/// given back by a discard) shows as [`ExtentKind::Zero`]; see [`Image::extents_with_holes`].
+pub struct HoleAwareExtents<'a> {
+    extents: Extents<'a>,
+    /// The part of a data extent not yet split.
+    rest: Option<Extent>,
+}
+
+impl Image {
+    /// Like [`Image::extents`], but data ranges whose host bytes are a hole in the image file
+    /// come out as [`ExtentKind::Zero`]: they read as zeros and hide the backing layer, as zero
+    /// clusters do (the file system is asked with SEEK_DATA/SEEK_HOLE; a storage that cannot
+    /// tell reports everything as data).
+    pub fn extents_with_holes(&self, offset: u64, len: u64) -> HoleAwareExtents<'_> {
+        HoleAwareExtents {
+            extents: self.extents(offset, len),
+            rest: None,
+        }
+    }
+}
+
+impl HoleAwareExtents<'_> {
+    /// Splits the first piece off a data extent: a hole, or data up to the next hole.
+    fn split(&mut self, extent: Extent, host: u64) -> Result<Extent> {
+        let storage = &*self.extents.shared.storage;
+        let host_end = host + extent.length;
+        let io = |e| Error::io("find data", host)(e);
+        let (length, kind) = match storage.next_data(host).map_err(io)? {
+            None => (extent.length, L2Entry::Zero),
+            Some(data) if data >= host_end => (extent.length, L2Entry::Zero),
+            Some(data) if data > host => (data - host, L2Entry::Zero),
+            Some(_) => {
+                let hole = storage.next_hole(host).map_err(io)?.min(host_end);
+                (hole.max(host + 1) - host, extent.kind)
+            }
+        };
+        let length = length.min(extent.length);
+        if length < extent.length {
+            self.rest = Some(Extent {
+                offset: extent.offset + length,
+                length: extent.length - length,
+                kind: L2Entry::Data {
+                    host_offset: host + length,
+                },
+            });
+        }
+        Ok(Extent {
+            offset: extent.offset,
+            length,
+            kind,
+        })
+    }
+}
+
+impl Iterator for HoleAwareExtents<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let extent = match self.rest.take() {
+            Some(rest) => rest,
+            None => match self.extents.next()? {
+                Ok(extent) => extent,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        match extent.kind {
+            L2Entry::Data { host_offset } => Some(self.split(extent, host_offset)),
+            _ => Some(Ok(extent)),
+        }
+    }
+}
+
 /// Where a guest range of a backing chain is resolved: data or zero clusters in the layer at
 /// `depth`, or [`L2Entry::Unallocated`] where no layer holds it (zeros).
 pub type ChainKind = L2Entry;

@@ -19,7 +19,7 @@ use crate::state::{Activity, HeaderState, Health, Shared};
 use crate::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage};
 use crate::table::Entries;
 use crate::tables::{CacheStats, Tables};
-use crate::writeback::{clear_autoclear, FlushState};
+use crate::writeback::{clear_autoclear, write_new_image, FlushState};
 use crate::zero::ZeroFlags;
 use crate::{Error, Result};
 
@@ -111,15 +111,7 @@ impl Image {
 
     /// Writes a new, empty image onto `storage` (which is truncated first).
     pub fn create_on(storage: &dyn Storage, params: &CreateParams) -> Result<()> {
-        let (_, header_cluster, file_len) = new_image_layout(params)?;
-        storage.set_len(0).map_err(Error::io("truncate", 0))?;
-        storage
-            .write_at(&header_cluster, 0)
-            .map_err(Error::io("write header", 0))?;
-        storage
-            .set_len(file_len)
-            .map_err(Error::io("extend", file_len))?;
-        storage.flush().map_err(Error::io("flush", 0))
+        write_new_image(storage, params)
     }
 
     /// Opens the image file at `path`, with its backing chain as `options.backing` says.

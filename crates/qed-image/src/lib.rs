@@ -56,7 +56,9 @@ mod zero;
 pub use backing::{BackingFormat, BackingLayer, BackingPolicy};
 pub use check::{CheckReport, Repair, MAX_FINDINGS};
 pub use error::{Error, Result, TableKind};
-pub use extent::{ChainExtent, ChainExtents, ChainKind, Extent, ExtentKind, Extents};
+pub use extent::{
+    ChainExtent, ChainExtents, ChainKind, Extent, ExtentKind, Extents, HoleAwareExtents,
+};
 pub use image::{
     has_qed_magic, probe_format, resolve_backing_name, resolve_backing_path, Image, MAX_CHAIN_DEPTH,
 };

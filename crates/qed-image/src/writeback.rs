@@ -320,6 +320,23 @@ impl Shared {
     }
 }
 
+/// Writes a new, empty image onto `storage`: truncate, header cluster, length, flush.
+pub(crate) fn write_new_image(
+    storage: &dyn Storage,
+    params: &qed_format::CreateParams,
+) -> Result<()> {
+    let (_, header_cluster, file_len) = qed_format::new_image_layout(params)?;
+    storage.set_len(0).map_err(Error::io("truncate", 0))?;
+    storage
+        .write_at(&header_cluster, 0)
+        .map_err(Error::io("write header", 0))?;
+    storage
+        .set_len(file_len)
+        .map_err(Error::io("extend", file_len))?;
+    // Barrier: the image exists whole before anyone opens it.
+    storage.flush().map_err(Error::io("flush", 0))
+}
+
 /// Clears unknown autoclear feature bits at a writable open, before anything else is written
 /// (a writer that does not understand them must clear them).
 pub(crate) fn clear_autoclear(storage: &dyn Storage, header: &mut Header) -> Result<()> {

@@ -108,7 +108,14 @@ impl BackingSpec {
 
 /// The header of an image file.
 pub fn header_of(path: &Path) -> Header {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(qed_image::format::HEADER_LEN);
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(qed_image::format::HEADER_LEN as u64)
+                .read_to_end(&mut bytes)
+        })
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     Header::decode(&bytes).expect("header decodes")
 }
 
