@@ -231,6 +231,7 @@ impl Tables {
         }
         // The slot holds the (dirty, so pinned) table before the L1 entry can lead to it.
         self.l1.set(l1_index, offset);
+        self.trim();
         Ok(table)
     }
 

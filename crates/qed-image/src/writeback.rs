@@ -9,7 +9,8 @@
 //! 2. make sure NEED_CHECK is on disk (set and flushed); extend the file over every
 //!    allocated cluster;
 //! 3. **flush** — data and file length are durable before any table points at them;
-//! 4. write the L2 chunks;
+//! 4. write the L2 chunks (steps 3 and 4 repeat per batch of at most 4 MiB of chunks, each
+//!    batch taken just before its flush, so a write-back holds a bounded copy of the tables);
 //! 5. **flush** (only if L1 changed) — new L2 tables are durable before the L1 leads to them;
 //! 6. write the L1 chunks; **flush**.
 //!
@@ -21,7 +22,7 @@
 //! allocation is in flight and nothing is dirty.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use qed_format::{Header, FEATURE_NEED_CHECK, HEADER_LEN, SECTOR_SIZE};
 
@@ -39,10 +40,9 @@ pub(crate) struct FlushState {
     tickets: AtomicU64,
 }
 
-struct Snapshot {
-    l1: Option<ChunkSnapshot>,
-    l2: Vec<(std::sync::Arc<L2Table>, ChunkSnapshot)>,
-}
+/// Most bytes of encoded L2 chunks one write-back holds at once (a larger table is a batch of
+/// its own).
+const BATCH_BYTES: usize = 4 << 20;
 
 impl Shared {
     fn ordering(&self) -> MutexGuard<'_, u64> {
@@ -93,54 +93,68 @@ impl Shared {
         if !self.writable {
             return Ok(());
         }
-        let result = {
-            let snapshot = self.take_snapshot();
-            let result = self.write_snapshot(&snapshot);
-            if let Err(e) = &result {
-                // The tables on disk are behind memory: keep the changes and refuse writes.
-                if let Some(l1) = &snapshot.l1 {
-                    self.tables.l1.restore_dirty(l1);
-                }
-                for (table, chunks) in &snapshot.l2 {
-                    table.restore_dirty(chunks);
-                }
-                self.health.poison(e);
+        // L1 first: every table it leads to was dirty before its L1 entry was set, so it is
+        // in the list taken next.
+        let l1 = self.tables.l1.take_dirty();
+        let tables = self.tables.dirty_tables();
+        let result = self.write_tables(l1.as_ref(), &tables);
+        if let Err(e) = &result {
+            // The tables on disk are behind memory: keep the changes and refuse writes.
+            if let Some(l1) = &l1 {
+                self.tables.l1.restore_dirty(l1);
             }
-            result
-            // The snapshot's references go here, so the trim below can evict what it wrote.
-        };
+            self.health.poison(e);
+        }
+        // The references to the tables go here, so the trim below can evict what was written.
+        drop(tables);
         if result.is_ok() {
             self.tables.trim();
         }
         result
     }
 
-    fn take_snapshot(&self) -> Snapshot {
-        // L1 first: every table it leads to was dirty before its L1 entry was set.
-        let l1 = self.tables.l1.take_dirty();
-        let l2 = self
-            .tables
-            .dirty_tables()
-            .into_iter()
-            .filter_map(|t| t.take_dirty().map(|c| (t, c)))
-            .collect();
-        Snapshot { l1, l2 }
-    }
-
-    fn write_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+    /// Steps 2–6 above. The L2 tables go in batches of at most [`BATCH_BYTES`] of encoded
+    /// chunks, each taken, then made safe by a flush, then written: a batch's entries were
+    /// published after the data they point at was written, so its own flush covers that data,
+    /// and the bytes held at once stay bounded however many tables are dirty.
+    fn write_tables(&self, l1: Option<&ChunkSnapshot>, tables: &[Arc<L2Table>]) -> Result<()> {
         let flush = |why: &'static str| self.storage.flush().map_err(Error::io(why, 0));
-        if snapshot.l1.is_none() && snapshot.l2.is_empty() {
+        if l1.is_none() && tables.is_empty() {
             return flush("flush");
         }
         // Tables are about to change: a crash from here on needs a check at open.
         self.need_check_before_change()?;
         self.cover_allocated_clusters()?;
-        // Barrier: data and file length before any table that points at them.
-        flush("flush before table write-back")?;
-        for (table, chunks) in &snapshot.l2 {
-            self.write_chunks(table.offset, chunks)?;
+        let mut rest = tables;
+        let mut wrote = false;
+        while !rest.is_empty() || !wrote {
+            let mut batch: Vec<(&Arc<L2Table>, ChunkSnapshot)> = Vec::new();
+            let mut bytes = 0;
+            while let Some((table, tail)) = rest.split_first() {
+                if bytes > 0 && bytes + table.memory_bytes() > BATCH_BYTES {
+                    break;
+                }
+                rest = tail;
+                if let Some(chunks) = table.take_dirty() {
+                    bytes += chunks.bytes.iter().map(Vec::len).sum::<usize>();
+                    batch.push((table, chunks));
+                }
+            }
+            wrote = true;
+            let result = flush("flush before table write-back").and_then(|()| {
+                // Barrier (above): data and file length before any table that points at them.
+                batch
+                    .iter()
+                    .try_for_each(|(table, chunks)| self.write_chunks(table.offset, chunks))
+            });
+            if let Err(e) = result {
+                for (table, chunks) in &batch {
+                    table.restore_dirty(chunks);
+                }
+                return Err(e);
+            }
         }
-        if let Some(l1) = &snapshot.l1 {
+        if let Some(l1) = l1 {
             // Barrier: new L2 tables before the L1 entries that lead to them.
             flush("flush before L1 write-back")?;
             self.write_chunks(self.valid.header().l1_table_offset, l1)?;
