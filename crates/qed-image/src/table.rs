@@ -48,11 +48,27 @@ impl DirtyChunks {
         self.words.iter().any(|w| w.load(Ordering::Acquire) != 0)
     }
 
-    /// Clears every bit and returns the runs of chunks that were set.
-    fn take(&self) -> Vec<Range<usize>> {
+    /// Clears at most `max` set bits, lowest first, and returns the runs of chunks they were.
+    /// (Only write-back clears bits, one at a time, so a selected bit stays set until then.)
+    fn take(&self, max: usize) -> Vec<Range<usize>> {
         let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut taken = 0;
         for (w, word) in self.words.iter().enumerate() {
-            let mut bits = word.swap(0, Ordering::AcqRel);
+            if taken >= max {
+                break;
+            }
+            let mut chosen = 0u64;
+            let mut rest = word.load(Ordering::Acquire);
+            while rest != 0 && taken < max {
+                let lowest = rest & rest.wrapping_neg();
+                chosen |= lowest;
+                rest &= rest - 1;
+                taken += 1;
+            }
+            if chosen == 0 {
+                continue;
+            }
+            let mut bits = word.fetch_and(!chosen, Ordering::AcqRel) & chosen;
             while bits != 0 {
                 let chunk = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
@@ -170,7 +186,12 @@ impl Entries {
 
     /// Takes the dirty chunks: clears their bits first, then copies the entries.
     pub(crate) fn take_dirty(&self) -> Option<ChunkSnapshot> {
-        let runs = self.dirty.take();
+        self.take_dirty_upto(usize::MAX)
+    }
+
+    /// Like [`Entries::take_dirty`], for at most `max_chunks` chunks (the lowest).
+    pub(crate) fn take_dirty_upto(&self, max_chunks: usize) -> Option<ChunkSnapshot> {
+        let runs = self.dirty.take(max_chunks);
         if runs.is_empty() {
             return None;
         }
@@ -267,11 +288,17 @@ impl L2Table {
     /// Takes the dirty chunks for write-back and stops counting the table as dirty (a change
     /// racing with this counts it again).
     pub(crate) fn take_dirty(&self) -> Option<ChunkSnapshot> {
+        self.take_dirty_upto(usize::MAX)
+    }
+
+    /// Like [`L2Table::take_dirty`], for at most `max_chunks` chunks: write-back takes a large
+    /// table in pieces.
+    pub(crate) fn take_dirty_upto(&self, max_chunks: usize) -> Option<ChunkSnapshot> {
         if self.counted_dirty.swap(false, Ordering::AcqRel) {
             self.dirty_bytes
                 .fetch_sub(self.memory_bytes(), Ordering::AcqRel);
         }
-        self.entries.take_dirty()
+        self.entries.take_dirty_upto(max_chunks)
     }
 
     /// Marks the chunks of a failed write-back dirty again.
@@ -346,6 +373,18 @@ mod tests {
         assert_eq!(snap.runs, vec![0..1, 2..4]);
         e.restore_dirty(&snap);
         assert!(e.is_dirty());
+    }
+
+    #[test]
+    fn dirty_chunks_are_taken_in_pieces() {
+        let e = Entries::new_unwritten(64 * 200).unwrap();
+        let first = e.take_dirty_upto(70).unwrap();
+        assert_eq!(first.runs, vec![0..70]);
+        e.set(0, 5);
+        let second = e.take_dirty_upto(1000).unwrap();
+        assert_eq!(second.runs, vec![0..1, 70..200]);
+        assert_eq!(second.bytes[1].len(), 130 * 512);
+        assert!(e.take_dirty().is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! a writer never changes a table that memory has forgotten.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwapOption, Guard};
 use qed_format::{L1Entry, ValidHeader};
@@ -25,6 +25,9 @@ use crate::{Error, Result, TableKind};
 
 /// Mutexes serializing loads and evictions, by L1 index.
 const LOAD_STRIPES: usize = 64;
+
+/// Slots per chunk of the slot array.
+const SLOT_CHUNK: usize = 1024;
 
 /// Counters of the L2 cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,7 +75,9 @@ pub(crate) struct Tables {
     valid: ValidHeader,
     /// L1 entries; an entry changes only after the slot it leads to holds its table.
     pub(crate) l1: Entries,
-    slots: Box<[ArcSwapOption<L2Table>]>,
+    /// Slots by L1 index, in chunks made on first use: an L1 table of millions of entries
+    /// whose image uses a few costs a few chunks, not a pointer per entry.
+    slots: Box<[OnceLock<Box<[ArcSwapOption<L2Table>]>>]>,
     loading: Box<[Mutex<()>]>,
     resident: Mutex<Resident>,
     resident_bytes: AtomicUsize,
@@ -87,7 +92,9 @@ pub(crate) struct Tables {
 
 impl Tables {
     pub(crate) fn new(valid: ValidHeader, l1: Entries, budget: usize) -> Self {
-        let slots = (0..l1.len()).map(|_| ArcSwapOption::empty()).collect();
+        let slots = (0..l1.len().div_ceil(SLOT_CHUNK))
+            .map(|_| OnceLock::new())
+            .collect();
         Self {
             valid,
             l1,
@@ -127,6 +134,12 @@ impl Tables {
         }
     }
 
+    fn slot(&self, l1_index: usize) -> &ArcSwapOption<L2Table> {
+        let chunk = self.slots[l1_index / SLOT_CHUNK]
+            .get_or_init(|| (0..SLOT_CHUNK).map(|_| ArcSwapOption::empty()).collect());
+        &chunk[l1_index % SLOT_CHUNK]
+    }
+
     fn loading(&self, l1_index: usize) -> std::sync::MutexGuard<'_, ()> {
         self.loading[l1_index % LOAD_STRIPES]
             .lock()
@@ -141,7 +154,7 @@ impl Tables {
         l1_index: usize,
         offset: u64,
     ) -> Result<TableRef> {
-        let guard = self.slots[l1_index].load();
+        let guard = self.slot(l1_index).load();
         match guard.as_deref() {
             Some(table) if table.offset == offset => {
                 self.hit(table);
@@ -161,7 +174,7 @@ impl Tables {
         l1_index: usize,
         offset: u64,
     ) -> Result<Arc<L2Table>> {
-        match self.slots[l1_index].load_full() {
+        match self.slot(l1_index).load_full() {
             Some(table) if table.offset == offset => {
                 self.hit(&table);
                 Ok(table)
@@ -181,7 +194,7 @@ impl Tables {
     fn load(&self, storage: &dyn Storage, l1_index: usize, offset: u64) -> Result<Arc<L2Table>> {
         let table = {
             let _slot = self.loading(l1_index);
-            if let Some(table) = self.slots[l1_index].load_full() {
+            if let Some(table) = self.slot(l1_index).load_full() {
                 if table.offset == offset {
                     return Ok(table);
                 }
@@ -205,7 +218,7 @@ impl Tables {
     /// the image exclusively) and accounts for it.
     fn install(&self, l1_index: usize, table: Arc<L2Table>) {
         let bytes = table.memory_bytes();
-        match self.slots[l1_index].swap(Some(table)) {
+        match self.slot(l1_index).swap(Some(table)) {
             Some(old) => {
                 self.resident_bytes
                     .fetch_sub(old.memory_bytes(), Ordering::AcqRel);
@@ -251,7 +264,7 @@ impl Tables {
     /// image exclusively). Unwritten changes of it are dropped with it.
     pub(crate) fn forget(&self, l1_index: usize) {
         let _slot = self.loading(l1_index);
-        let Some(table) = self.slots[l1_index].swap(None) else {
+        let Some(table) = self.slot(l1_index).swap(None) else {
             return;
         };
         let _ = table.take_dirty();
@@ -276,7 +289,7 @@ impl Tables {
             .clone();
         indexes
             .into_iter()
-            .filter_map(|i| self.slots[i].load_full())
+            .filter_map(|i| self.slot(i).load_full())
             .filter(|t| t.is_dirty())
             .collect()
     }
@@ -316,14 +329,14 @@ impl Tables {
 
     fn try_evict(&self, l1_index: usize) {
         let _slot = self.loading(l1_index);
-        let Some(table) = self.slots[l1_index].swap(None) else {
+        let Some(table) = self.slot(l1_index).swap(None) else {
             return;
         };
         // Nobody can reach the table now: if the slot held the last reference and it is
         // clean, that stays true.
         let second_chance = table.referenced.swap(false, Ordering::Relaxed);
         if second_chance || table.is_dirty() || Arc::strong_count(&table) > 1 {
-            self.slots[l1_index].store(Some(table));
+            self.slot(l1_index).store(Some(table));
             return;
         }
         self.resident_bytes
@@ -413,9 +426,9 @@ mod tests {
         drop(t.get(&storage, 2, offset(2)).unwrap());
         t.trim();
         // Over budget, but the dirty table and the one still held stay.
-        assert!(t.slots[0].load().is_some());
-        assert!(t.slots[1].load().is_some());
-        assert!(t.slots[2].load().is_none());
+        assert!(t.slot(0).load().is_some());
+        assert!(t.slot(1).load().is_some());
+        assert!(t.slot(2).load().is_none());
         assert_eq!(t.dirty_tables().len(), 1);
         assert_eq!(t.stats().dirty_bytes, 4 * CS);
         drop(held);
@@ -436,16 +449,16 @@ mod tests {
         // Load it into the slot again; keep a guard while the clock runs.
         let guard = {
             let _ = t.get_owned(&storage, 0, offset(0)).unwrap();
-            t.slots[0].load()
+            t.slot(0).load()
         };
         if guard.is_some() {
             t.trim();
-            assert!(t.slots[0].load().is_some());
+            assert!(t.slot(0).load().is_some());
         }
         drop(guard);
         t.trim();
         t.trim();
-        assert!(t.slots[0].load().is_none());
+        assert!(t.slot(0).load().is_none());
     }
 
     #[test]

@@ -125,35 +125,27 @@ impl Shared {
         // Tables are about to change: a crash from here on needs a check at open.
         self.need_check_before_change()?;
         self.cover_allocated_clusters()?;
-        let mut rest = tables;
-        let mut wrote = false;
-        while !rest.is_empty() || !wrote {
-            let mut batch: Vec<(&Arc<L2Table>, ChunkSnapshot)> = Vec::new();
-            let mut bytes = 0;
-            while let Some((table, tail)) = rest.split_first() {
-                if bytes > 0 && bytes + table.memory_bytes() > BATCH_BYTES {
+        let budget_chunks = BATCH_BYTES / SECTOR_SIZE as usize;
+        let mut batch: Vec<(&Arc<L2Table>, ChunkSnapshot)> = Vec::new();
+        let mut chunks = 0;
+        for table in tables {
+            // Bounded passes: a writer dirtying the table meanwhile cannot keep this going.
+            let mut passes = table.memory_bytes() / BATCH_BYTES + 1;
+            while passes > 0 {
+                passes -= 1;
+                let Some(taken) = table.take_dirty_upto(budget_chunks - chunks) else {
                     break;
+                };
+                chunks += taken.runs.iter().map(|r| r.len()).sum::<usize>();
+                batch.push((table, taken));
+                if chunks >= budget_chunks {
+                    self.write_batch(&mut batch)?;
+                    chunks = 0;
                 }
-                rest = tail;
-                if let Some(chunks) = table.take_dirty() {
-                    bytes += chunks.bytes.iter().map(Vec::len).sum::<usize>();
-                    batch.push((table, chunks));
-                }
-            }
-            wrote = true;
-            let result = flush("flush before table write-back").and_then(|()| {
-                // Barrier (above): data and file length before any table that points at them.
-                batch
-                    .iter()
-                    .try_for_each(|(table, chunks)| self.write_chunks(table.offset, chunks))
-            });
-            if let Err(e) = result {
-                for (table, chunks) in &batch {
-                    table.restore_dirty(chunks);
-                }
-                return Err(e);
             }
         }
+        // The last batch (perhaps empty: the data barrier is still due before the L1).
+        self.write_batch(&mut batch)?;
         if let Some(l1) = l1 {
             // Barrier: new L2 tables before the L1 entries that lead to them.
             flush("flush before L1 write-back")?;
@@ -161,6 +153,28 @@ impl Shared {
         }
         // Barrier: the tables themselves.
         flush("flush after table write-back")
+    }
+
+    /// Flushes, then writes the chunks of `batch` (emptied); on failure their chunks are dirty
+    /// again.
+    fn write_batch(&self, batch: &mut Vec<(&Arc<L2Table>, ChunkSnapshot)>) -> Result<()> {
+        let result = self
+            .storage
+            .flush()
+            .map_err(Error::io("flush before table write-back", 0))
+            .and_then(|()| {
+                // Barrier (above): data and file length before any table that points at them.
+                batch
+                    .iter()
+                    .try_for_each(|(table, chunks)| self.write_chunks(table.offset, chunks))
+            });
+        if result.is_err() {
+            for (table, chunks) in batch.iter() {
+                table.restore_dirty(chunks);
+            }
+        }
+        batch.clear();
+        result
     }
 
     fn write_chunks(&self, table_offset: u64, chunks: &ChunkSnapshot) -> Result<()> {
