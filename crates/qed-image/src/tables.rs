@@ -29,6 +29,9 @@ const LOAD_STRIPES: usize = 64;
 /// Slots per chunk of the slot array.
 const SLOT_CHUNK: usize = 1024;
 
+/// `SLOT_CHUNK` slots of consecutive L1 entries.
+type SlotChunk = Box<[ArcSwapOption<L2Table>]>;
+
 /// Counters of the L2 cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -77,7 +80,7 @@ pub(crate) struct Tables {
     pub(crate) l1: Entries,
     /// Slots by L1 index, in chunks made on first use: an L1 table of millions of entries
     /// whose image uses a few costs a few chunks, not a pointer per entry.
-    slots: Box<[OnceLock<Box<[ArcSwapOption<L2Table>]>>]>,
+    slots: Box<[OnceLock<SlotChunk>]>,
     loading: Box<[Mutex<()>]>,
     resident: Mutex<Resident>,
     resident_bytes: AtomicUsize,
