@@ -392,3 +392,44 @@ fn an_allocation_waits_while_need_check_is_being_flushed() {
     assert!(done.load(Ordering::SeqCst));
     Arc::try_unwrap(image).unwrap().close().unwrap();
 }
+
+#[test]
+fn a_discard_leaves_no_leak_and_block_status_sees_the_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("discard.qed");
+    Image::create(&path, &params(16 << 20, 65536, 4, None, false)).unwrap();
+    let image = open_rw(&path);
+    image.write_at(&vec![1; 8 << 20], 0).unwrap();
+    image.discard(1 << 20, 4 << 20).unwrap();
+    image.write_zeroes_at(6 << 20, 1 << 20).unwrap();
+    let mut buf = vec![9u8; 8 << 20];
+    image.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..1 << 20].iter().all(|&b| b == 1));
+    assert!(buf[1 << 20..5 << 20].iter().all(|&b| b == 0));
+    assert!(buf[5 << 20..6 << 20].iter().all(|&b| b == 1));
+    assert!(buf[6 << 20..7 << 20].iter().all(|&b| b == 0));
+    // The entries stay: the plain extents see data throughout.
+    let plain: Vec<_> = image.extents(0, 8 << 20).map(|e| e.unwrap()).collect();
+    assert!(
+        plain
+            .iter()
+            .all(|e| matches!(e.kind, ExtentKind::Data { .. })),
+        "{plain:?}"
+    );
+    if kit::file_system_reports_holes(dir.path()) {
+        // The punched range shows as zeros to block status.
+        let zero: u64 = image
+            .extents_with_holes(0, 8 << 20)
+            .map(|e| e.unwrap())
+            .filter(|e| e.kind == ExtentKind::Zero)
+            .map(|e| e.length)
+            .sum();
+        assert_eq!(zero, 4 << 20, "the discarded 4 MiB read as a hole");
+    } else {
+        eprintln!("note: the file system reports no holes; block status part skipped");
+    }
+    let report = image.check(Repair::None).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    image.close().unwrap();
+    kit::assert_qemu_img_check(&path);
+}

@@ -117,3 +117,27 @@ pub fn patch_file(path: &Path, offset: u64, bytes: &[u8]) {
     file.write_all_at(bytes, offset)
         .unwrap_or_else(|e| panic!("write {} at {offset}: {e}", path.display()));
 }
+
+/// Whether the file system holding `dir` reports punched ranges as holes (SEEK_HOLE).
+pub fn file_system_reports_holes(dir: &Path) -> bool {
+    use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode};
+    use qed_image::Storage;
+    let probe = dir.join(".hole-probe");
+    let storage = FileStorage::open(
+        &probe,
+        &FileOptions {
+            writable: true,
+            create: true,
+            cache: CacheMode::Writeback,
+            lock: LockMode::None,
+        },
+    )
+    .expect("create probe file");
+    storage.write_at(&[1u8; 1 << 20], 0).expect("write probe");
+    storage.flush().expect("flush probe");
+    let reports = storage.punch_hole(256 << 10, 512 << 10).is_ok()
+        && storage.is_hole(256 << 10, 512 << 10).unwrap_or(false);
+    drop(storage);
+    let _ = std::fs::remove_file(&probe);
+    reports
+}
