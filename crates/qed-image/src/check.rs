@@ -71,6 +71,9 @@ pub const MAX_FINDINGS: usize = 1000;
 /// the file by its own length, or by this much if that is more.
 const MIN_REPAIR_GROWTH: u64 = 64 << 20;
 
+/// Cluster moves one pass of leak reclaim plans at once (16 bytes each in a map).
+const MOVE_BATCH: usize = 1 << 20;
+
 impl CheckReport {
     fn note(&mut self, finding: impl FnOnce() -> String) {
         if self.findings.len() < MAX_FINDINGS {
@@ -148,6 +151,8 @@ impl Shared {
                     limit,
                 });
             }
+            self.repair_limit
+                .store(limit, std::sync::atomic::Ordering::Release);
             let mut fixing = CheckReport::default();
             self.scan(&mut fixing, true, end)?;
             report.corruptions_fixed = fixing.corruptions_fixed;
@@ -228,6 +233,8 @@ impl Shared {
                 });
                 scan.copy_bytes += g.table_bytes();
                 if !fix {
+                    // Its relocated copy will copy every data cluster it maps, too.
+                    scan.copy_bytes += self.data_entries_at(offset, end)? * cs;
                     report.corruptions += taken;
                     continue;
                 }
@@ -339,9 +346,42 @@ impl Shared {
         Ok(())
     }
 
+    /// Valid data entries of the table at host `offset` as it is on disk.
+    fn data_entries_at(&self, offset: u64, end: u64) -> Result<u64> {
+        let g = self.geometry;
+        let entries = Entries::load(
+            &*self.storage,
+            offset,
+            g.entries_per_table(),
+            "read L2 table",
+        )?;
+        Ok((0..entries.len())
+            .filter(|&i| {
+                let raw = entries.get(i);
+                L2Entry::is_data_value(raw) && self.valid.decode_l2(end, raw).is_ok()
+            })
+            .count() as u64)
+    }
+
+    /// Refuses a repair copy of `bytes` that would take the file past what the counting
+    /// pass allowed (a safety net: the count is made to include every copy).
+    fn reserve_copy(&self, bytes: u64) -> Result<()> {
+        let limit = self.repair_limit.load(std::sync::atomic::Ordering::Acquire);
+        let end = self.alloc.end().saturating_add(bytes);
+        if end > limit {
+            return Err(Error::TooLarge {
+                what: "file grown by repair copies",
+                bytes: end,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Copies the data cluster at host `from` to a new cluster; returns its offset.
     fn copy_cluster(&self, from: u64) -> Result<u64> {
         let cs = self.geometry.cluster_size();
+        self.reserve_copy(cs)?;
         let in_flight = self.alloc.begin();
         let copy = self.allocate(&in_flight, 1)?;
         let mut buf = vec![0u8; cs as usize];
@@ -369,6 +409,7 @@ impl Shared {
         )?;
         let entries = Entries::unwritten_copy(&from_disk)?;
         drop(from_disk);
+        self.reserve_copy(g.table_bytes())?;
         let in_flight = self.alloc.begin();
         let new_offset = self.allocate(&in_flight, u64::from(g.table_size()))?;
         Ok(self.tables.relocate(l1_index, entries, new_offset))
@@ -383,53 +424,42 @@ impl Shared {
         let first = self.valid.header_bytes() / cs;
         let file_clusters = self.alloc.end() / cs;
         let leaked_before = scan.used.count_clear(first, file_clusters);
-        // Pair the lowest holes with the highest data clusters above them.
-        let mut moves: Vec<(u64, u64)> = Vec::new();
-        {
-            let used = &scan.used;
-            let metadata = &scan.metadata;
-            let mut sources = used
-                .set_bits_down(first, file_clusters)
-                .filter(|&c| !metadata.get(c));
-            for hole in used.clear_bits(first, used.end()) {
-                match sources.next() {
-                    Some(source) if source > hole => moves.push((source, hole)),
-                    _ => break,
-                }
-            }
-        }
-        if !moves.is_empty() {
-            let targets: HashMap<u64, u64> = moves.iter().copied().collect();
-            let mut buf = vec![0u8; cs as usize];
-            // Only leaked clusters are written to: a vacated one may be referenced on disk
-            // until the next write-back.
-            for &(l1_index, _) in &scan.tables {
-                let Some(table) = self.l2_table_owned(l1_index)? else {
-                    continue;
-                };
-                for index in 0..table.entries.len() {
-                    let raw = table.entries.get(index);
-                    if !L2Entry::is_data_value(raw) {
-                        continue;
+        // Pair the lowest holes with the highest data clusters above them, a bounded batch at
+        // a time (the pairing is monotone: holes rise, sources fall, so each batch resumes
+        // where the last one stopped).
+        let mut buf = vec![0u8; cs as usize];
+        let (mut hole_from, mut source_below) = (first, file_clusters);
+        loop {
+            let mut moves: Vec<(u64, u64)> = Vec::new();
+            let mut done = false;
+            {
+                let used = &scan.used;
+                let metadata = &scan.metadata;
+                let mut sources = used
+                    .set_bits_down(first, source_below)
+                    .filter(|&c| !metadata.get(c));
+                let mut holes = used.clear_bits(hole_from, used.end());
+                while moves.len() < MOVE_BATCH {
+                    match (holes.next(), sources.next()) {
+                        (Some(hole), Some(source)) if source > hole => moves.push((source, hole)),
+                        _ => {
+                            done = true;
+                            break;
+                        }
                     }
-                    let Some(&hole) = targets.get(&(raw / cs)) else {
-                        continue;
-                    };
-                    let to = hole * cs;
-                    self.storage
-                        .read_at(&mut buf, raw)
-                        .map_err(Error::io("read", raw))?;
-                    self.storage
-                        .write_at(&buf, to)
-                        .map_err(Error::io("write", to))?;
-                    table.set(index, to);
                 }
-                drop(table);
-                self.relieve_pressure()?;
             }
+            let Some(&(last_source, last_hole)) = moves.last() else {
+                break;
+            };
+            (hole_from, source_below) = (last_hole + 1, last_source);
+            self.move_data(scan, &moves, &mut buf)?;
             for &(source, hole) in &moves {
                 scan.used.set(hole)?;
                 scan.used.clear(source);
+            }
+            if done {
+                break;
             }
         }
         // Barrier (write-back): the moved data and the entries leading to it are durable, so
@@ -441,15 +471,62 @@ impl Shared {
         let truncated = self.truncate_free_tail(expected_end, last * cs)?;
         // Whatever leak is left inside the file gives its space back to the file system.
         let stop = if truncated { last } else { expected_end / cs };
-        let holes: Vec<u64> = scan.used.clear_bits(first, stop).collect();
-        for cluster in &holes {
-            let at = cluster * cs;
+        let mut left = 0u64;
+        let mut run: Option<(u64, u64)> = None;
+        let punch = |(start, end): (u64, u64)| {
+            let at = start * cs;
             self.storage
-                .punch_hole(at, cs)
-                .map_err(Error::io("punch hole", at))?;
+                .punch_hole(at, (end - start) * cs)
+                .map_err(Error::io("punch hole", at))
+        };
+        for cluster in scan.used.clear_bits(first, stop) {
+            left += 1;
+            run = match run {
+                Some((start, end)) if end == cluster => Some((start, end + 1)),
+                Some(whole) => {
+                    punch(whole)?;
+                    Some((cluster, cluster + 1))
+                }
+                None => Some((cluster, cluster + 1)),
+            };
         }
-        let left = holes.len() as u64;
+        if let Some(whole) = run {
+            punch(whole)?;
+        }
         Ok(leaked_before.saturating_sub(left))
+    }
+
+    /// Copies the data of each `(source, hole)` cluster pair into the hole and points the
+    /// entry that referenced the source there. Only leaked clusters are written to: a vacated
+    /// one may be referenced on disk until the next write-back.
+    fn move_data(&self, scan: &Scan, moves: &[(u64, u64)], buf: &mut [u8]) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let targets: HashMap<u64, u64> = moves.iter().copied().collect();
+        for &(l1_index, _) in &scan.tables {
+            let Some(table) = self.l2_table_owned(l1_index)? else {
+                continue;
+            };
+            for index in 0..table.entries.len() {
+                let raw = table.entries.get(index);
+                if !L2Entry::is_data_value(raw) {
+                    continue;
+                }
+                let Some(&hole) = targets.get(&(raw / cs)) else {
+                    continue;
+                };
+                let to = hole * cs;
+                self.storage
+                    .read_at(buf, raw)
+                    .map_err(Error::io("read", raw))?;
+                self.storage
+                    .write_at(buf, to)
+                    .map_err(Error::io("write", to))?;
+                table.set(index, to);
+            }
+            drop(table);
+            self.relieve_pressure()?;
+        }
+        Ok(())
     }
 
     /// Moves the L2 tables that lie above the lowest free cluster down into the free space,

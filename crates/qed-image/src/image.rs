@@ -253,23 +253,19 @@ impl Image {
             storage,
             path,
             label,
+            repair_limit: AtomicU64::new(0),
         });
-        let timer = if options.writable {
-            Some(IdleTimer::start(
-                Arc::downgrade(&shared),
-                options.clean_after,
-            )?)
-        } else {
-            None
-        };
         let mut image = Self {
             shared,
-            timer,
+            timer: None,
             closed: false,
             open_repair: None,
             options: options.clone(),
         };
-        if options.writable && header.needs_check() {
+        // Two L1 entries sharing a table would each get their own copy in memory, and each
+        // write-back would overwrite the other's: a writer repairs such an image first.
+        let shares_tables = options.writable && l1_shares_tables(&image.shared.tables.l1)?;
+        if options.writable && (header.needs_check() || shares_tables) {
             // Not closed cleanly: check and repair before anything is written.
             match image.shared.check(Repair::All) {
                 Ok(report) if report.check_errors > 0 => {
@@ -292,6 +288,13 @@ impl Image {
                     return Err(e);
                 }
             }
+        }
+        // Started only now: no timer may clear NEED_CHECK around a repair that fails.
+        if options.writable {
+            image.timer = Some(IdleTimer::start(
+                Arc::downgrade(&image.shared),
+                options.clean_after,
+            )?);
         }
         Ok(image)
     }
@@ -482,6 +485,21 @@ impl Image {
         drop(self);
         Self::open(&path, &options)
     }
+}
+
+/// Whether two L1 entries point at the same L2 table.
+fn l1_shares_tables(l1: &Entries) -> Result<bool> {
+    let mut offsets = Vec::new();
+    offsets
+        .try_reserve_exact(l1.len())
+        .map_err(|_| Error::TooLarge {
+            what: "list of L1 entries",
+            bytes: l1.len() as u64 * 8,
+            limit: 0,
+        })?;
+    offsets.extend((0..l1.len()).map(|i| l1.get(i)).filter(|&raw| raw != 0));
+    offsets.sort_unstable();
+    Ok(offsets.windows(2).any(|w| w[0] == w[1]))
 }
 
 impl Drop for Image {

@@ -64,20 +64,19 @@ impl Shared {
             return Ok(());
         }
         self.write_back()?;
-        let mut header = self.header.current();
-        header.image_size = new_size;
+        let set_size = |h: &mut Header| h.image_size = new_size;
         if new_size > old_size {
             // Entries past the old end (none in an image this engine wrote) must not appear.
             self.drop_entries_from(old_size)?;
             self.write_back()?;
-            self.write_shape(&header, None)?;
+            self.write_shape(set_size, None)?;
             self.size.store(new_size, Ordering::Release);
             return Ok(());
         }
         // A crash from here on leaves entries past the end or leaks: the check at the next
         // open clears and reclaims them.
         self.need_check_before_change()?;
-        self.write_shape(&header, None)?;
+        self.write_shape(set_size, None)?;
         self.size.store(new_size, Ordering::Release);
         self.drop_entries_from(new_size)?;
         self.write_back()?;
@@ -131,16 +130,10 @@ impl Shared {
 
     fn set_backing(&self, new: Option<NewBacking>) -> Result<()> {
         let old = self.header.current();
-        let mut header: Header = old;
-        header.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
-        let name_offset = HEADER_LEN as u64;
         let header_bytes = self.valid.header_bytes();
-        let (name, layer) = match new {
-            None => {
-                header.backing_filename_offset = name_offset as u32;
-                header.backing_filename_size = 0;
-                (None, None)
-            }
+        let name_offset = HEADER_LEN as u64;
+        let (name, format, layer) = match new {
+            None => (None, None, None),
             Some(new) => {
                 if new.name.is_empty() || new.name.contains(&0) {
                     return Err(Error::InvalidArgument(
@@ -161,12 +154,6 @@ impl Shared {
                          does not fit in {header_bytes} bytes"
                     )));
                 }
-                header.features |= FEATURE_BACKING_FILE;
-                if new.format == Some(BackingFormat::Raw) {
-                    header.features |= FEATURE_BACKING_FORMAT_NO_PROBE;
-                }
-                header.backing_filename_size = len as u32;
-                header.backing_filename_offset = name_offset as u32;
                 let layer = match (new.layer, &self.path) {
                     (Some(layer), _) => Some(layer),
                     (None, Some(path)) => {
@@ -179,29 +166,53 @@ impl Shared {
                     }
                     (None, None) => None,
                 };
-                (Some(new.name), layer)
+                (Some(new.name), new.format, layer)
+            }
+        };
+        let len = name.as_ref().map_or(0, |n| n.len() as u64);
+        // Where the name goes: with the header in the first sector (one write, atomic), or,
+        // when longer, somewhere the old name is not, written and flushed before the header
+        // that points at it, so a crash leaves the old header and name or the new ones.
+        let offset = if name_offset + len <= SECTOR_SIZE {
+            name_offset
+        } else {
+            let old_start = u64::from(old.backing_filename_offset);
+            let old_end = old_start + u64::from(old.backing_filename_size);
+            let old_named = old.has_backing_file() && old.backing_filename_size > 0;
+            let after = if old_named {
+                old_end.max(SECTOR_SIZE)
+            } else {
+                SECTOR_SIZE
+            };
+            if old_named && SECTOR_SIZE + len <= old_start {
+                SECTOR_SIZE
+            } else if after + len <= header_bytes {
+                after
+            } else {
+                return Err(Error::InvalidArgument(format!(
+                    "No space left in the file header: a backing file name of {len} bytes \
+                     does not fit beside the current one in {header_bytes} bytes"
+                )));
+            }
+        };
+        let change = |h: &mut Header| {
+            h.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
+            h.backing_filename_offset = offset as u32;
+            h.backing_filename_size = len as u32;
+            if name.is_some() {
+                h.features |= FEATURE_BACKING_FILE;
+                if format == Some(BackingFormat::Raw) {
+                    h.features |= FEATURE_BACKING_FORMAT_NO_PROBE;
+                }
             }
         };
         match &name {
-            // Header and name in one sector: one write, which lands whole or not at all.
-            Some(n) if name_offset + n.len() as u64 <= SECTOR_SIZE => {
-                self.write_shape(&header, Some(n))?
-            }
+            Some(n) if offset == name_offset => self.write_shape(change, Some(n))?,
             Some(n) => {
-                // A longer name goes where the old one is not, then the header points at it,
-                // so a crash leaves the old header with the old name, or the new with the new.
-                let old_end =
-                    u64::from(old.backing_filename_offset) + u64::from(old.backing_filename_size);
-                let at = old_end.max(SECTOR_SIZE);
-                if at + n.len() as u64 <= header_bytes {
-                    header.backing_filename_offset = at as u32;
-                    self.write_backing_name_at(at, n)?;
-                    self.write_shape(&header, None)?;
-                } else {
-                    self.write_shape(&header, Some(n))?;
-                }
+                self.write_backing_name_at(offset, n)?;
+                self.write_shape(change, None)?;
             }
-            None => self.write_shape(&header, None)?,
+            None => self.write_shape(change, None)?,
         }
         *self
             .header

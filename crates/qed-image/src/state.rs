@@ -159,6 +159,8 @@ pub(crate) struct Shared {
     pub(crate) backing: RwLock<Option<Arc<BackingLayer>>>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) label: String,
+    /// Where the copies of the repair running now must stop (set by check.rs).
+    pub(crate) repair_limit: AtomicU64,
 }
 
 impl Shared {

@@ -221,17 +221,19 @@ impl Tables {
     /// the image exclusively) and accounts for it.
     fn install(&self, l1_index: usize, table: Arc<L2Table>) {
         let bytes = table.memory_bytes();
-        match self.slot(l1_index).swap(Some(table)) {
-            Some(old) => {
-                self.resident_bytes
-                    .fetch_sub(old.memory_bytes(), Ordering::AcqRel);
-            }
-            None => self
-                .resident
+        let slot = self.slot(l1_index);
+        if slot.load().is_none() {
+            // Listed before it can be found: a write-back lists every table a writer can
+            // reach.
+            self.resident
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .indexes
-                .push(l1_index),
+                .push(l1_index);
+        }
+        if let Some(old) = slot.swap(Some(table)) {
+            self.resident_bytes
+                .fetch_sub(old.memory_bytes(), Ordering::AcqRel);
         }
         self.resident_bytes.fetch_add(bytes, Ordering::AcqRel);
     }
@@ -292,7 +294,12 @@ impl Tables {
             .clone();
         indexes
             .into_iter()
-            .filter_map(|i| self.slot(i).load_full())
+            .filter_map(|i| {
+                // Under the slot's lock: an eviction takes a table out of its slot for an
+                // instant, and a dirty one goes back; this must not look in between.
+                let _slot = self.loading(i);
+                self.slot(i).load_full()
+            })
             .filter(|t| t.is_dirty())
             .collect()
     }
@@ -305,6 +312,11 @@ impl Tables {
     /// Whether the changes held in memory exceed the budget (time for a write-back).
     pub(crate) fn over_budget(&self) -> bool {
         self.dirty_bytes() > self.budget
+    }
+
+    /// Whether the changes held in memory exceed twice the budget (writers must wait).
+    pub(crate) fn far_over_budget(&self) -> bool {
+        self.dirty_bytes() > self.budget.saturating_mul(2)
     }
 
     /// Evicts clean tables nobody holds, least recently used first (second chance), until the

@@ -23,6 +23,9 @@ thread_local! {
     static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
+/// Largest copy-on-write buffer a thread keeps between requests.
+const SPARE_MAX: usize = 1 << 20;
+
 /// Where the untouched part of a newly allocated cluster gets its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fill {
@@ -204,7 +207,11 @@ impl Shared {
                         .write_at(&buf, gap.host)
                         .map_err(Error::io("write", gap.host))
                 });
-                SPARE.set(buf);
+                // Kept for the next copy only while small: a thread does not hold a cluster
+                // of up to 64 MiB forever.
+                if buf.capacity() <= SPARE_MAX {
+                    SPARE.set(buf);
+                }
                 result
             }
         }

@@ -77,6 +77,8 @@ impl Shared {
 
     /// A write-back when the tables with unwritten changes exceed the cache budget, unless one
     /// is running already.
+    /// Past twice the budget a writer waits for the running write-back and writes back
+    /// itself, so dirty tables stay bounded however slow the disk is.
     pub(crate) fn relieve_pressure(&self) -> Result<()> {
         if !self.tables.over_budget() {
             return Ok(());
@@ -84,8 +86,12 @@ impl Shared {
         let _ordering = match self.flush.ordering.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) if self.tables.far_over_budget() => self.ordering(),
             Err(TryLockError::WouldBlock) => return Ok(()),
         };
+        if !self.tables.over_budget() {
+            return Ok(());
+        }
         self.write_back_locked()
     }
 
@@ -249,6 +255,8 @@ impl Shared {
         if self.header.need_check.load(Ordering::SeqCst) != flag::SET {
             return Ok(());
         }
+        // A failed open or write since the call began: leave the flag for the next repair.
+        self.health.check()?;
         // An allocation that read SET before this store is in flight now (it counted itself
         // first); one that reads CLEARING waits for the change lock and sets the flag again.
         self.header
@@ -289,16 +297,37 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes a header that changes the image's shape (size, backing file) and flushes it;
-    /// `name` is written right after the 64 header bytes in the same write when given. The
-    /// caller holds the image exclusively.
-    pub(crate) fn write_shape(&self, header: &Header, name: Option<&[u8]>) -> Result<()> {
+    /// Writes a header that changes the image's shape (size, backing file) and flushes it.
+    /// `change` edits the header as last written (so NEED_CHECK, which only this module
+    /// changes, is kept as it is on disk); `name` is written right after the 64 header bytes in
+    /// the same write, which must then fit the first sector. The caller holds the image
+    /// exclusively.
+    pub(crate) fn write_shape(
+        &self,
+        change: impl FnOnce(&mut Header),
+        name: Option<&[u8]>,
+    ) -> Result<()> {
         let _ordering = self.ordering();
+        let _flag = self
+            .header
+            .need_check_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let current = self.header.current();
+        let mut header = current;
+        change(&mut header);
+        header.features =
+            (header.features & !FEATURE_NEED_CHECK) | (current.features & FEATURE_NEED_CHECK);
         let mut bytes = header.encode().to_vec();
         if let Some(name) = name {
             bytes.extend_from_slice(name);
         }
-        // One write from offset 0: within a sector (names up to 448 bytes) it is atomic.
+        if bytes.len() as u64 > SECTOR_SIZE {
+            return Err(Error::InvalidArgument(
+                "a header write with its name must fit one sector".into(),
+            ));
+        }
+        // One write within the first sector: it lands whole or not at all.
         let result = self
             .storage
             .write_at(&bytes, 0)
@@ -313,8 +342,7 @@ impl Shared {
             self.health.poison(e);
             return result;
         }
-        let mut current = self.header.header.lock().unwrap_or_else(|e| e.into_inner());
-        *current = *header;
+        *self.header.header.lock().unwrap_or_else(|e| e.into_inner()) = header;
         Ok(())
     }
 
