@@ -239,3 +239,59 @@ pub fn qemu_io(image: &Path, commands: &[String]) -> Output {
     );
     out
 }
+
+/// `qemu-img info -U --output=json -f qed <image>` (the backing file is named, not opened);
+/// panics unless it exits 0. Returns the JSON text.
+pub fn qemu_info(image: &Path) -> String {
+    let out = qemu_img_on(&["info", "-U", "--output=json", "-f", "qed"], &[image]);
+    out.expect_status(0, "qemu-img info");
+    out.stdout
+}
+
+/// A field of the outermost object of a JSON text, as its raw text: a number as written, a
+/// string without its quotes (escapes `\"`, `\\` and `\/` undone). `None` when the outermost
+/// object has no such key. Enough for `qemu-img info`, whose nested objects repeat some keys.
+pub fn json_top_field(json: &str, key: &str) -> Option<String> {
+    let bytes = json.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let (text, end) = json_string(bytes, i);
+                i = end;
+                if depth == 1 && text == key {
+                    let rest = json[i..].trim_start();
+                    let value = rest.strip_prefix(':')?.trim_start();
+                    if value.starts_with('"') {
+                        return Some(json_string(value.as_bytes(), 0).0);
+                    }
+                    let end = value
+                        .find(|c: char| c == ',' || c == '}' || c.is_whitespace())
+                        .unwrap_or(value.len());
+                    return Some(value[..end].to_owned());
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The JSON string starting at the quote at `start`: its text and the index after it.
+fn json_string(bytes: &[u8], start: usize) -> (String, usize) {
+    let mut out = Vec::new();
+    let mut i = start + 1;
+    while i < bytes.len() && bytes[i] != b'"' {
+        if bytes[i] == b'\\' && i + 1 < bytes.len() {
+            i += 1;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    (String::from_utf8_lossy(&out).into_owned(), i + 1)
+}
