@@ -98,6 +98,8 @@ struct Scan {
     tables: Vec<(usize, u64)>,
     /// Bytes a repair of what was found would copy.
     copy_bytes: u64,
+    /// Data entries that map past the end of the virtual disk (a repair clears them).
+    past_end: u64,
 }
 
 impl Image {
@@ -141,7 +143,7 @@ impl Shared {
         report.total_clusters = size.div_ceil(cs);
         let end = self.alloc.end();
         let mut scan = self.scan(&mut report, false, end)?;
-        if fix && report.corruptions > 0 {
+        if fix && (report.corruptions > 0 || scan.past_end > 0) {
             let limit = end.saturating_add(end.max(MIN_REPAIR_GROWTH));
             if end.saturating_add(scan.copy_bytes) > limit {
                 // Refused before anything changed: the file stays as it was.
@@ -314,6 +316,24 @@ impl Shared {
                 continue;
             }
             let cluster = raw / cs;
+            let past_end = g.l1_guest_offset(l1_index) + index as u64 * cs >= size;
+            if past_end {
+                scan.past_end += 1;
+            }
+            if past_end && fix {
+                // Maps nothing of the virtual disk (a shrink cut short, say): a repair
+                // clears it, so growing the disk later cannot show old data, and reclaims its
+                // cluster. (QEMU's check does not count these; neither does a check alone.)
+                report.note(|| {
+                    format!(
+                        "L2[{index}] = {raw:#x} in table {:#x} maps past the end of the disk",
+                        table.offset
+                    )
+                });
+                table.set(index, 0);
+                report.corruptions_fixed += 1;
+                continue;
+            }
             if !scan.used.get(cluster) {
                 scan.used.set(cluster)?;
                 continue;
@@ -326,7 +346,6 @@ impl Shared {
             });
             // A second reference past the end of the virtual disk maps nothing a guest can
             // read: it is cleared, not copied.
-            let past_end = g.l1_guest_offset(l1_index) + index as u64 * cs >= size;
             if !past_end {
                 scan.copy_bytes += cs;
             }

@@ -413,16 +413,16 @@ impl Image {
     }
 
     /// Makes `[offset, offset + len)` read as zeros: data clusters are zeroed in place (their
-    /// entries stay), unallocated clusters over backing data become zero clusters, and
-    /// clusters that read zeros already are left alone. Same as
+    /// entries stay), whole unallocated clusters become zero clusters, zero clusters are left
+    /// alone, and parts of unallocated clusters are written as data, as QEMU does. Same as
     /// [`Image::write_zeroes_with`] with default flags.
     pub fn write_zeroes_at(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes_with(offset, len, ZeroFlags::default())
     }
 
     /// [`Image::write_zeroes_at`] with flags: `may_unmap` punches the host range of whole data
-    /// clusters instead of zeroing it; `fast_only` fails with [`Error::NotFast`] before any
-    /// part would have to be written as data.
+    /// clusters instead of zeroing it; `fast_only` fails with [`Error::NotFast`], changing
+    /// nothing, when any part would have to be written as data.
     pub fn write_zeroes_with(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _pass = self.shared.gate.shared();
         self.shared.write_zeroes_at(offset, len, flags)

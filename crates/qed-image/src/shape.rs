@@ -66,24 +66,33 @@ impl Shared {
         self.write_back()?;
         let set_size = |h: &mut Header| h.image_size = new_size;
         if new_size > old_size {
-            // Entries past the old end (none in an image this engine wrote) must not appear.
-            self.drop_entries_from(old_size)?;
-            self.write_back()?;
+            // Entries past the old end (none in an image this engine wrote) must not appear;
+            // the clusters they held are reclaimed before the disk grows over them.
+            if self.drop_entries_from(old_size)? {
+                self.write_back()?;
+                self.check_after_drop()?;
+            }
             self.write_shape(set_size, None)?;
             self.size.store(new_size, Ordering::Release);
             return Ok(());
         }
-        // A crash from here on leaves entries past the end or leaks: the check at the next
-        // open clears and reclaims them.
+        // A crash from here on leaves entries past the end or leaks under a set NEED_CHECK:
+        // the repair at the next open clears the entries and reclaims the clusters.
         self.need_check_before_change()?;
         self.write_shape(set_size, None)?;
         self.size.store(new_size, Ordering::Release);
         self.drop_entries_from(new_size)?;
         self.write_back()?;
+        self.check_after_drop()
+    }
+
+    /// Reclaims the clusters that dropped entries held (a repair: data moved down, tables
+    /// slid, the file cut).
+    fn check_after_drop(&self) -> Result<()> {
         let report = self.check(Repair::All)?;
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::InvalidArgument(format!(
-                "the image was shrunk but its repair left {} corruptions and {} check errors",
+                "the size changed but the repair left {} corruptions and {} check errors",
                 report.corruptions, report.check_errors
             )));
         }
@@ -91,8 +100,10 @@ impl Shared {
     }
 
     /// Drops every entry that maps guest bytes at or past `from`, and zeroes the rest of the
-    /// cluster that holds `from` (so growing again shows zeros there).
-    fn drop_entries_from(&self, from: u64) -> Result<()> {
+    /// cluster that holds `from` (so growing again shows zeros there). Returns whether any
+    /// entry was dropped.
+    fn drop_entries_from(&self, from: u64) -> Result<bool> {
+        let mut dropped = false;
         let g = self.geometry;
         let cs = g.cluster_size();
         if from % cs != 0 {
@@ -114,6 +125,7 @@ impl Shared {
                 for index in g.l2_index(first_cluster)..table.entries.len() {
                     if table.entries.get(index) != 0 {
                         table.set(index, 0);
+                        dropped = true;
                     }
                 }
             }
@@ -122,10 +134,11 @@ impl Shared {
             if self.tables.l1.get(l1_index) != 0 {
                 self.tables.forget(l1_index);
                 self.tables.l1.set(l1_index, 0);
+                dropped = true;
             }
         }
         self.activity.touch();
-        Ok(())
+        Ok(dropped)
     }
 
     fn set_backing(&self, new: Option<NewBacking>) -> Result<()> {
@@ -179,21 +192,16 @@ impl Shared {
             let old_start = u64::from(old.backing_filename_offset);
             let old_end = old_start + u64::from(old.backing_filename_size);
             let old_named = old.has_backing_file() && old.backing_filename_size > 0;
-            let after = if old_named {
-                old_end.max(SECTOR_SIZE)
-            } else {
-                SECTOR_SIZE
-            };
-            if old_named && SECTOR_SIZE + len <= old_start {
-                SECTOR_SIZE
-            } else if after + len <= header_bytes {
-                after
-            } else {
-                return Err(Error::InvalidArgument(format!(
-                    "No space left in the file header: a backing file name of {len} bytes \
-                     does not fit beside the current one in {header_bytes} bytes"
-                )));
-            }
+            let clear_of_old = |at: u64| !old_named || at + len <= old_start || at >= old_end;
+            [name_offset, SECTOR_SIZE, old_end.max(SECTOR_SIZE)]
+                .into_iter()
+                .find(|&at| at + len <= header_bytes && clear_of_old(at))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "No space left in the file header: a backing file name of {len} bytes \
+                         does not fit beside the current one in {header_bytes} bytes"
+                    ))
+                })?
         };
         let change = |h: &mut Header| {
             h.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
@@ -207,7 +215,7 @@ impl Shared {
             }
         };
         match &name {
-            Some(n) if offset == name_offset => self.write_shape(change, Some(n))?,
+            Some(n) if name_offset + len <= SECTOR_SIZE => self.write_shape(change, Some(n))?,
             Some(n) => {
                 self.write_backing_name_at(offset, n)?;
                 self.write_shape(change, None)?;

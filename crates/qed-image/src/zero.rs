@@ -39,6 +39,19 @@ impl Shared {
         let g = self.geometry;
         let cs = g.cluster_size();
         let end = offset + len;
+        if flags.fast_only {
+            // Fail before anything changes: NBD's FAST_ZERO leaves the disk alone on failure.
+            let mut p = offset;
+            while p < end {
+                let cluster = g.align_down(p);
+                let part_end = (cluster + cs).min(end);
+                let whole = p == cluster && part_end == cluster + cs;
+                if matches!(self.zeroing(p, whole)?, Zeroing::Data) {
+                    return Err(Error::NotFast { offset: p });
+                }
+                p = part_end;
+            }
+        }
         let mut p = offset;
         while p < end {
             let cluster = g.align_down(p);

@@ -394,9 +394,6 @@ fn shrink_crash_64k_ts4() {
 }
 
 #[test]
-#[ignore = "engine bug: a shrink of an image with NEED_CHECK clear rewrites the header without \
-            NEED_CHECK before dropping entries (shape.rs: header captured before \
-            need_check_before_change)"]
 fn shrink_crash_leaves_no_leak_under_a_clear_need_check() {
     for (cs, ts) in GEOMETRIES {
         shrink_crash(
@@ -413,8 +410,6 @@ fn shrink_crash_leaves_no_leak_under_a_clear_need_check() {
 }
 
 #[test]
-#[ignore = "engine bug: the repair at open keeps L2 entries past the end of the disk that a \
-            crashed shrink left (check.rs clears only doubly referenced ones)"]
 fn shrink_crash_leaves_no_entry_past_the_end_after_the_repair() {
     for (cs, ts) in GEOMETRIES {
         shrink_crash(
@@ -431,8 +426,6 @@ fn shrink_crash_leaves_no_entry_past_the_end_after_the_repair() {
 }
 
 #[test]
-#[ignore = "engine bug: growing an image with entries past its end drops them, sets NEED_CHECK \
-            and then writes a header captured before, without NEED_CHECK (shape.rs grow path)"]
 fn shrink_crash_then_grow_leaves_no_leak_under_a_clear_need_check() {
     for (cs, ts) in GEOMETRIES {
         shrink_crash(
@@ -449,7 +442,6 @@ fn shrink_crash_then_grow_leaves_no_leak_under_a_clear_need_check() {
 }
 
 #[test]
-#[ignore = "engine bugs: see the three tests above"]
 fn shrink_crash_all_checks() {
     for (cs, ts) in GEOMETRIES {
         shrink_crash(cs, ts, true, false, ALL_STRICT);
@@ -719,8 +711,6 @@ fn set_backing_crash_names_longer_than_a_sector() {
 }
 
 #[test]
-#[ignore = "engine bug: a long name that does not fit after the old one is written with the \
-            header in one multi-sector write (shape.rs set_backing), which a crash can tear"]
 fn set_backing_crash_long_name_that_does_not_fit_after_the_old_one() {
     // In a 4 KiB header, a 1000-byte name at offset 64 (where QEMU writes it) leaves no room
     // for a 3100-byte name after it; in a 64 KiB header there is room.
