@@ -91,6 +91,9 @@ pub struct ConvertOptions {
     pub target_is_zero: bool,
     /// Write only what differs from what the target's backing layer reads.
     pub diff_backing: bool,
+    /// Where in the target the source's first byte goes (sources concatenated into one
+    /// target); must be 0 with `diff_backing`.
+    pub target_offset: u64,
 }
 
 impl Default for ConvertOptions {
@@ -99,6 +102,7 @@ impl Default for ConvertOptions {
             sparse_size: 4096,
             target_is_zero: false,
             diff_backing: false,
+            target_offset: 0,
         }
     }
 }
@@ -112,6 +116,41 @@ pub struct ConvertStats {
     pub written: u64,
     /// Bytes made zero in the target without writing data.
     pub zeroed: u64,
+}
+
+/// Why a conversion failed, with the guest offset (of the source) where it did.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The options do not fit the disks.
+    #[error("{0}")]
+    Invalid(Error),
+    /// The source's block status could not be found.
+    #[error("error while reading block status at offset {offset}: {source}")]
+    Status {
+        /// Guest offset.
+        offset: u64,
+        /// What failed.
+        #[source]
+        source: Error,
+    },
+    /// A read of the source (or of the target's backing layer) failed.
+    #[error("error while reading at byte {offset}: {source}")]
+    Read {
+        /// Guest offset.
+        offset: u64,
+        /// What failed.
+        #[source]
+        source: Error,
+    },
+    /// A write to the target failed.
+    #[error("error while writing at byte {offset}: {source}")]
+    Write {
+        /// Guest offset in the target.
+        offset: u64,
+        /// What failed.
+        #[source]
+        source: Error,
+    },
 }
 
 /// What happens to one sparse block.
@@ -128,12 +167,14 @@ enum Action {
 /// The target side: writes in guest order, zero ranges coalesced.
 struct Writer<'a> {
     target: &'a Disk,
+    /// Added to source offsets to get target offsets.
+    shift: u64,
     pending_zero: Option<(u64, u64)>,
     stats: ConvertStats,
 }
 
 impl Writer<'_> {
-    fn zero(&mut self, start: u64, end: u64) -> Result<()> {
+    fn zero(&mut self, start: u64, end: u64) -> Result<(), ConvertError> {
         match &mut self.pending_zero {
             Some((_, e)) if *e == start => *e = end,
             _ => {
@@ -144,17 +185,23 @@ impl Writer<'_> {
         Ok(())
     }
 
-    fn flush_zero(&mut self) -> Result<()> {
+    fn flush_zero(&mut self) -> Result<(), ConvertError> {
         if let Some((start, end)) = self.pending_zero.take() {
-            self.target.write_zeroes(start, end - start, true)?;
+            let offset = start + self.shift;
+            self.target
+                .write_zeroes(offset, end - start, true)
+                .map_err(|source| ConvertError::Write { offset, source })?;
             self.stats.zeroed += end - start;
         }
         Ok(())
     }
 
-    fn data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+    fn data(&mut self, buf: &[u8], offset: u64) -> Result<(), ConvertError> {
         self.flush_zero()?;
-        self.target.write_at(buf, offset)?;
+        let offset = offset + self.shift;
+        self.target
+            .write_at(buf, offset)
+            .map_err(|source| ConvertError::Write { offset, source })?;
         self.stats.written += buf.len() as u64;
         Ok(())
     }
@@ -179,18 +226,26 @@ pub fn convert(
     target: &Disk,
     options: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<ConvertStats> {
+) -> Result<ConvertStats, ConvertError> {
     let size = source.size();
-    if target.size() < size {
-        return Err(Error::InvalidArgument(
-            "output file is smaller than input file".into(),
-        ));
+    let invalid = |why: String| ConvertError::Invalid(Error::InvalidArgument(why));
+    if options
+        .target_offset
+        .checked_add(size)
+        .is_none_or(|end| end > target.size())
+    {
+        return Err(invalid("output file is smaller than input file".into()));
     }
     let sparse = options.sparse_size;
     if sparse % SECTOR != 0 || sparse > MAX_SPARSE_SIZE {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "sparse size {sparse} is not a multiple of {SECTOR} up to {MAX_SPARSE_SIZE}"
         )));
+    }
+    if options.diff_backing && options.target_offset != 0 {
+        return Err(invalid(
+            "a backing file for the target makes no sense at a target offset".into(),
+        ));
     }
     let base = if options.diff_backing {
         target.image().and_then(Image::backing)
@@ -209,6 +264,7 @@ pub fn convert(
         base,
         writer: Writer {
             target,
+            shift: options.target_offset,
             pending_zero: None,
             stats: ConvertStats::default(),
         },
@@ -221,8 +277,12 @@ pub fn convert(
         actions: Vec::new(),
     };
     progress(0, size);
+    let mut done = 0;
     for status in source.block_status_with_holes(0, size) {
-        let status = status?;
+        let status = status.map_err(|source| ConvertError::Status {
+            offset: done,
+            source,
+        })?;
         let (start, end) = (status.offset, status.offset + status.length);
         let left_to_base = status.depth >= 1 || status.kind == StatusKind::Unallocated;
         if !(shared_backing && left_to_base) {
@@ -231,6 +291,7 @@ pub fn convert(
             })?;
         }
         progress(end, size);
+        done = end;
     }
     copier.writer.flush_zero()?;
     Ok(copier.writer.stats)
@@ -261,7 +322,7 @@ impl Copier<'_> {
         end: u64,
         known_zero: bool,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    ) -> Result<(), ConvertError> {
         if known_zero && self.base.is_none() {
             if self.options.sparse_size > 0 {
                 if !self.options.target_is_zero {
@@ -292,20 +353,32 @@ impl Copier<'_> {
 
     /// Reads what the base holds over `[start, end)` into `base_buf`; false when it is all
     /// known zeros (nothing read).
-    fn read_base(&mut self, base: &Arc<BackingLayer>, start: u64, end: u64) -> Result<bool> {
+    fn read_base(
+        &mut self,
+        base: &Arc<BackingLayer>,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, ConvertError> {
         let n = (end - start) as usize;
         if self.base_buf.len() < n {
             self.base_buf.resize(self.chunk as usize, 0);
         }
         let mut any_data = false;
         for status in BlockStatusIter::of_layer(Arc::clone(base), start, end - start, true) {
-            let status = status?;
+            let status = status.map_err(|source| ConvertError::Status {
+                offset: start,
+                source,
+            })?;
             let a = (status.offset - start) as usize;
             let b = a + status.length as usize;
             if status.kind.is_zero() {
                 self.base_buf[a..b].fill(0);
             } else {
-                base.read_at(&mut self.base_buf[a..b], status.offset)?;
+                base.read_at(&mut self.base_buf[a..b], status.offset)
+                    .map_err(|source| ConvertError::Read {
+                        offset: status.offset,
+                        source,
+                    })?;
                 any_data = true;
             }
         }
@@ -316,7 +389,7 @@ impl Copier<'_> {
     }
 
     /// Copies one chunk (inside one status range, within one aligned chunk).
-    fn chunk_at(&mut self, start: u64, end: u64, known_zero: bool) -> Result<()> {
+    fn chunk_at(&mut self, start: u64, end: u64, known_zero: bool) -> Result<(), ConvertError> {
         let n = (end - start) as usize;
         let base = self.base.clone();
         let base_data = match &base {
@@ -330,7 +403,12 @@ impl Copier<'_> {
             }
             self.buf[..n].fill(0);
         } else {
-            self.source.read_at(&mut self.buf[..n], start)?;
+            self.source
+                .read_at(&mut self.buf[..n], start)
+                .map_err(|source| ConvertError::Read {
+                    offset: start,
+                    source,
+                })?;
             self.writer.stats.read += n as u64;
         }
         self.plan(start, end, base.is_some(), known_zero);

@@ -104,7 +104,9 @@ impl Disk {
             },
         )
         .map_err(Error::io("create", 0))?;
-        storage.set_len(size).map_err(Error::io("set length", size))?;
+        storage
+            .set_len(size)
+            .map_err(Error::io("set length", size))?;
         Ok(Self::Raw(RawDisk {
             storage: Box::new(storage),
             size: sector_rounded(size),

@@ -82,7 +82,9 @@ impl Iterator for MapEntries<'_> {
         match self.statuses.next() {
             Some(Ok(s)) => {
                 self.started = true;
-                Some(Ok(MapEntry::from_status(s.offset, s.length, s.depth, s.kind)))
+                Some(Ok(MapEntry::from_status(
+                    s.offset, s.length, s.depth, s.kind,
+                )))
             }
             Some(Err(e)) => {
                 self.started = true;

@@ -18,9 +18,11 @@ mod map;
 mod status;
 
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, Side};
-pub use convert::{convert, create_target, ConvertOptions, ConvertStats, NewTarget};
+pub use convert::{
+    convert, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
+};
 pub use disk::{Disk, RawDisk};
-pub use map::{map, MapEntry, MapEntries};
+pub use map::{map, MapEntries, MapEntry};
 pub use status::{BlockStatus, BlockStatusIter, StatusKind};
 
 /// Bytes read or compared at a time (qemu-img's buffer size too).
