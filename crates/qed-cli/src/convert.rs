@@ -54,7 +54,12 @@ pub struct ConvertArgs {
     #[arg(short = 'F', long = "backing-format", value_name = "FMT")]
     pub backing_format: Option<ImageFormat>,
     /// Bytes of zeros that make a gap in the output (a multiple of 512; 0 allocates all).
-    #[arg(short = 'S', long = "sparse-size", value_name = "SIZE")]
+    #[arg(
+        short = 'S',
+        long = "sparse-size",
+        value_name = "SIZE",
+        allow_hyphen_values = true
+    )]
     pub sparse_size: Option<String>,
     /// Write into an existing target instead of creating it.
     #[arg(short = 'n', long = "no-create")]
@@ -69,7 +74,12 @@ pub struct ConvertArgs {
     #[arg(short = 'C', long = "copy-range-offloading")]
     pub copy_range: bool,
     /// Requests in flight (accepted, 1 to 16; the copy runs in order in one thread).
-    #[arg(short = 'm', long = "parallel", value_name = "N")]
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
     pub parallel: Option<String>,
     /// Allow writes out of order (accepted; writes stay in order).
     #[arg(short = 'W', long = "oob-writes")]
@@ -120,7 +130,7 @@ fn check_arguments(args: &ConvertArgs) -> CliResult<(u64, OptionList)> {
                 Ok(_) => {
                     "Invalid number of coroutines specified. Must be between 1 and 16.".to_string()
                 }
-                Err(_) => format!("Invalid number of coroutines specified: '{text}'"),
+                Err(_) => format!("Invalid number of coroutines specified: '{text}'."),
             }));
         }
     }

@@ -18,10 +18,20 @@ pub struct MapArgs {
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<ImageFormat>,
     /// Start at this guest offset.
-    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    #[arg(
+        short = 's',
+        long = "start-offset",
+        value_name = "OFFSET",
+        allow_hyphen_values = true
+    )]
     pub start_offset: Option<String>,
     /// Map at most this many bytes.
-    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    #[arg(
+        short = 'l',
+        long = "max-length",
+        value_name = "LENGTH",
+        allow_hyphen_values = true
+    )]
     pub max_length: Option<String>,
     /// Open without taking the image lock (for images in use).
     #[arg(short = 'U', long = "force-share")]

@@ -134,7 +134,7 @@ pub fn cvtnum_in(name: &str, text: &str, min: u64, max: u64) -> crate::error::Cl
     use crate::error::CliError;
     match parse_size(text) {
         Err(SizeError::Invalid) => Err(CliError::plain(format!(
-            "Invalid {name} specified: '{text}'"
+            "Invalid {name} specified: '{text}'."
         ))),
         Ok(value) if (min..=max).contains(&value) => Ok(value),
         _ => Err(CliError::plain(format!(
