@@ -42,7 +42,7 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
-const QED_OPTIONS: &str = "\
+pub(crate) const QED_OPTIONS: &str = "\
 Supported qed options:
   backing_file=<str>     - File name of a base image
   backing_fmt=<str>      - Image format of the base image
@@ -51,7 +51,7 @@ Supported qed options:
   table_size=<size>      - L1/L2 table size (in clusters)
 ";
 
-const RAW_OPTIONS: &str = "\
+pub(crate) const RAW_OPTIONS: &str = "\
 Supported raw options:
   size=<size>            - Virtual disk size
 ";

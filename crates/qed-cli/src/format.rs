@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use qed_image::{probe_format, BackingFormat};
+use qed_image::{probe_format, BackingFormat, CacheMode};
 
 /// An image format the tool reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -39,6 +39,40 @@ impl ImageFormat {
         match given {
             Some(format) => Ok(format),
             None => Ok(probe_format(path)?.into()),
+        }
+    }
+}
+
+impl From<ImageFormat> for BackingFormat {
+    fn from(format: ImageFormat) -> Self {
+        match format {
+            ImageFormat::Qed => Self::Qed,
+            ImageFormat::Raw => Self::Raw,
+        }
+    }
+}
+
+/// A cache mode as qemu-img names it (`-t`, `-T`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheArg {
+    /// Through the page cache, flushed at the end.
+    Writeback,
+    /// Through the page cache (qemu-img flushes after every write; here as writeback).
+    Writethrough,
+    /// `O_DIRECT`.
+    None,
+    /// `O_DIRECT` (qemu-img also flushes after every write; here as none).
+    Directsync,
+    /// Through the page cache, never flushed.
+    Unsafe,
+}
+
+impl From<CacheArg> for CacheMode {
+    fn from(cache: CacheArg) -> Self {
+        match cache {
+            CacheArg::Writeback | CacheArg::Writethrough => Self::Writeback,
+            CacheArg::None | CacheArg::Directsync => Self::None,
+            CacheArg::Unsafe => Self::Unsafe,
         }
     }
 }

@@ -5,13 +5,17 @@
 //! printed as `qed: <what failed>: <why>` and exits with status 1.
 
 mod check;
+mod compare;
+mod convert;
 mod create;
 mod error;
 mod format;
 mod info;
 mod io;
 mod json;
+mod map;
 mod options;
+mod progress;
 mod size;
 mod text;
 
@@ -44,6 +48,12 @@ enum Command {
     Check(check::CheckArgs),
     /// Run I/O commands on an image (as `qemu-io`).
     Io(io::IoArgs),
+    /// Show where each guest range of an image lives (as `qemu-img map`).
+    Map(map::MapArgs),
+    /// Compare the contents of two images (as `qemu-img compare`).
+    Compare(compare::CompareArgs),
+    /// Copy an image into a new or existing one, sparse-aware (as `qemu-img convert`).
+    Convert(convert::ConvertArgs),
 }
 
 fn run(cli: &Cli) -> Result<i32, CliError> {
@@ -52,6 +62,9 @@ fn run(cli: &Cli) -> Result<i32, CliError> {
         Command::Info(args) => info::run(args),
         Command::Check(args) => check::run(args),
         Command::Io(args) => io::run(args),
+        Command::Map(args) => map::run(args),
+        Command::Compare(args) => compare::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 

@@ -123,6 +123,26 @@ pub fn parse_size_i64(input: &str) -> Result<u64, SizeError> {
     Ok(value)
 }
 
+/// Parses a size argument as qemu-img's `cvtnum` does, refusing it with qemu-img's messages
+/// (`name` says what it is: "start offset", "max length", ...).
+pub fn cvtnum(name: &str, text: &str) -> crate::error::CliResult<u64> {
+    cvtnum_in(name, text, 0, i64::MAX as u64)
+}
+
+/// [`cvtnum`] with bounds.
+pub fn cvtnum_in(name: &str, text: &str, min: u64, max: u64) -> crate::error::CliResult<u64> {
+    use crate::error::CliError;
+    match parse_size(text) {
+        Err(SizeError::Invalid) => Err(CliError::plain(format!(
+            "Invalid {name} specified: '{text}'."
+        ))),
+        Ok(value) if (min..=max).contains(&value) => Ok(value),
+        _ => Err(CliError::plain(format!(
+            "Invalid {name} specified. Must be between {min} and {max}."
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

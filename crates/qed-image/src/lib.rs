@@ -41,6 +41,7 @@ mod gate;
 mod idle;
 mod image;
 mod lookup;
+pub mod ops;
 mod options;
 mod read;
 mod shape;

@@ -113,3 +113,236 @@ pub fn without_timing(text: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Runs `program args...` in `dir` and panics unless it exits 0.
+pub fn run_ok(dir: &Path, program: &str, args: &[&str]) -> Output {
+    let out = run_in(dir, program, args);
+    assert_eq!(
+        code(&out),
+        0,
+        "{program} {args:?} failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    out
+}
+
+/// Runs qemu-io on `file` (format `fmt`) with `commands`, each a `-c` argument.
+pub fn qemu_io_ok(dir: &Path, fmt: &str, file: &str, commands: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in commands {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(file);
+    let out = run_ok(dir, "qemu-io", &args);
+    assert!(
+        !stdout(&out).contains("failed"),
+        "qemu-io {args:?}: {}",
+        stdout(&out)
+    );
+}
+
+/// Asserts that `qemu-img check` finds `file` clean.
+pub fn assert_qemu_check_clean(dir: &Path, file: &str) {
+    let out = run_in(dir, "qemu-img", &["check", file]);
+    assert_eq!(
+        code(&out),
+        0,
+        "qemu-img check {file}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+/// The size of `file` in `dir`, in bytes.
+pub fn file_len(dir: &Path, file: &str) -> u64 {
+    std::fs::metadata(dir.join(file))
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .len()
+}
+
+/// Makes, with qemu-img and qemu-io (and `qed io` for discards), a set of images that covers
+/// what block status can say, and returns their names: a three-level QED chain with different
+/// cluster sizes and layers shorter than the ones above them, zero clusters at every level, a
+/// sparse raw file as a backing file and as an image of its own, a raw file of an odd length,
+/// discarded (punched) ranges, tables of 4 MiB coverage, and a sparse 1 GiB image. Every
+/// unallocated run is far below the 4 GiB at which QEMU's block status asserts.
+pub fn made_images(dir: &Path) -> Vec<String> {
+    let img = |args: &[&str]| {
+        run_ok(dir, "qemu-img", args);
+    };
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096",
+        "base.qed",
+        "1M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "base.qed",
+        &[
+            "write -P 1 0 64k",
+            "write -z 128k 64k",
+            "write -P 2 600k 8k",
+        ],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=8192",
+        "-b",
+        "base.qed",
+        "-F",
+        "qed",
+        "mid.qed",
+        "2M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "mid.qed",
+        &[
+            "write -P 3 32k 16k",
+            "write -z 256k 16k",
+            "write -P 4 1536k 8k",
+        ],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "mid.qed",
+        "-F",
+        "qed",
+        "top.qed",
+        "3M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "top.qed",
+        &[
+            "write -P 5 4k 4k",
+            "write -z 1000k 4k",
+            "write -P 6 2500k 4k",
+        ],
+    );
+    std::fs::File::create(dir.join("sparse.raw"))
+        .and_then(|f| f.set_len(700 << 10))
+        .expect("sparse.raw");
+    qemu_io_ok(
+        dir,
+        "raw",
+        "sparse.raw",
+        &["write -P 7 100k 20k", "write -P 8 400k 4k"],
+    );
+    std::fs::write(dir.join("odd.raw"), {
+        let mut bytes = vec![0u8; 1000];
+        bytes[990..].fill(0x61);
+        bytes
+    })
+    .expect("odd.raw");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "sparse.raw",
+        "-F",
+        "raw",
+        "over-raw.qed",
+        "1M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "over-raw.qed",
+        &["write -P 9 96k 8k", "write -z 404k 4k"],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096",
+        "discarded.qed",
+        "4M",
+    ]);
+    run_ok(
+        dir,
+        env!("CARGO_BIN_EXE_qed"),
+        &[
+            "io",
+            "-c",
+            "write -P 1 0 2M",
+            "-c",
+            "discard 512k 512k",
+            "-c",
+            "write -z 1536k 64k",
+            "discarded.qed",
+        ],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096,table_size=2",
+        "tables.qed",
+        "12M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "tables.qed",
+        &[
+            "write -P 10 4092k 8k",
+            "write -z 8M 4M",
+            "write -P 11 5M 4k",
+        ],
+    );
+    img(&["create", "-q", "-f", "qed", "sparse-1g.qed", "1G"]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "sparse-1g.qed",
+        &[
+            "write -P 12 0 64k",
+            "write -P 13 300M 1M",
+            "write -z 512M 128k",
+            "write -P 14 1023M 4k",
+        ],
+    );
+    [
+        "base.qed",
+        "mid.qed",
+        "top.qed",
+        "sparse.raw",
+        "odd.raw",
+        "over-raw.qed",
+        "discarded.qed",
+        "tables.qed",
+        "sparse-1g.qed",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

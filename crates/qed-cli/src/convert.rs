@@ -1,0 +1,399 @@
+//! `qed convert`: copies one image (or several, concatenated) into a new or existing image,
+//! sparse-aware, with `qemu-img convert`'s options and messages.
+//!
+//! Differences from qemu-img, on purpose:
+//! - `-B` (or `-b`) writes only what differs from the backing file: ranges that read the same
+//!   there are left to it (qemu-img copies everything the source's top layer holds), and when
+//!   the source's own backing file is that file nothing the source leaves to it is read.
+//! - `-F` may be left out with a backing file: its format is probed and recorded, with a
+//!   warning (as `qed create` does; qemu-img 10 refuses).
+//! - `-m` and `-W` are accepted; the copy runs in one thread, in guest order, which keeps the
+//!   output compact. `-C` is accepted and changes nothing.
+
+use std::path::{Path, PathBuf};
+
+use qed_image::format::{new_image_layout, DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
+use qed_image::ops::{self, ConvertError, ConvertOptions, Disk, NewTarget, MAX_SPARSE_SIZE};
+use qed_image::{resolve_backing_path, BackingFormat, BackingPolicy, CreateParams, OpenOptions};
+
+use crate::create::{QED_OPTIONS, RAW_OPTIONS};
+use crate::error::{errno_text, open_failure, CliError, CliResult};
+use crate::format::{CacheArg, ImageFormat};
+use crate::options::OptionList;
+use crate::progress::Progress;
+use crate::size::{cvtnum, parse_size};
+
+/// Arguments of `qed convert`.
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Format of the source images (probed when omitted).
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
+    pub format: Option<ImageFormat>,
+    /// Format of the target.
+    #[arg(
+        short = 'O',
+        long = "target-format",
+        value_name = "FMT",
+        default_value = "raw"
+    )]
+    pub output_format: ImageFormat,
+    /// Target format options: cluster_size=S, table_size=N, backing_file=F, backing_fmt=FMT
+    /// (`-o help` lists them).
+    #[arg(short = 'o', long = "target-format-options", value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Backing file of the new image (relative to its directory); only what differs from it
+    /// is written.
+    #[arg(
+        short = 'B',
+        long = "backing",
+        short_alias = 'b',
+        value_name = "BACKING"
+    )]
+    pub backing: Option<String>,
+    /// Format of the backing file (probed when omitted).
+    #[arg(short = 'F', long = "backing-format", value_name = "FMT")]
+    pub backing_format: Option<ImageFormat>,
+    /// Bytes of zeros that make a gap in the output (a multiple of 512; 0 allocates all).
+    #[arg(
+        short = 'S',
+        long = "sparse-size",
+        value_name = "SIZE",
+        allow_hyphen_values = true
+    )]
+    pub sparse_size: Option<String>,
+    /// Write into an existing target instead of creating it.
+    #[arg(short = 'n', long = "no-create")]
+    pub no_create: bool,
+    /// The existing target reads as zeros already (with `-n`).
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Compress the output (not supported by QED or raw).
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// Try copy offloading (accepted; changes nothing).
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_range: bool,
+    /// Requests in flight (accepted, 1 to 16; the copy runs in order in one thread).
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
+    pub parallel: Option<String>,
+    /// Allow writes out of order (accepted; writes stay in order).
+    #[arg(short = 'W', long = "oob-writes")]
+    pub oob_writes: bool,
+    /// Cache mode of the target.
+    #[arg(short = 't', long = "target-cache", value_name = "CACHE", value_enum)]
+    pub target_cache: Option<CacheArg>,
+    /// Cache mode of the sources.
+    #[arg(short = 'T', long = "source-cache", value_name = "CACHE", value_enum)]
+    pub source_cache: Option<CacheArg>,
+    /// Open the sources without taking their locks.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Show progress on stderr.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// The source images, then the target.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// The backing file of a new target.
+struct Backing {
+    name: String,
+    format: ImageFormat,
+}
+
+fn plain(why: impl std::fmt::Display) -> CliError {
+    CliError::plain(why)
+}
+
+/// Checks the options that do not need any file, as qemu-img checks them first.
+fn check_arguments(args: &ConvertArgs) -> CliResult<(u64, OptionList)> {
+    let options = OptionList::parse(&args.options)?;
+    if args.no_create && !args.options.is_empty() {
+        return Err(plain("-o has no effect when skipping image creation"));
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err(plain("--target-is-zero requires use of -n flag"));
+    }
+    if let Some(text) = &args.parallel {
+        let valid = text.parse::<u64>().ok().filter(|n| (1..=16).contains(n));
+        if valid.is_none() {
+            return Err(plain(match text.parse::<u64>() {
+                Ok(_) => {
+                    "Invalid number of coroutines specified. Must be between 1 and 16.".to_string()
+                }
+                Err(_) => format!("Invalid number of coroutines specified: '{text}'."),
+            }));
+        }
+    }
+    let sparse = match &args.sparse_size {
+        None => 4096,
+        Some(text) => {
+            let value = cvtnum("buffer size for sparse output", text)?;
+            if value % SECTOR_SIZE != 0 || value > MAX_SPARSE_SIZE {
+                return Err(plain(format!(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples \
+                     of {SECTOR_SIZE} up to {MAX_SPARSE_SIZE}. Select 0 to disable sparse \
+                     detection (fully allocates output)."
+                )));
+            }
+            value
+        }
+    };
+    Ok((sparse, options))
+}
+
+/// Runs `qed convert`; returns the exit code.
+pub fn run(args: &ConvertArgs) -> CliResult<i32> {
+    let (sparse_size, options) = check_arguments(args)?;
+    if options.help {
+        print!(
+            "{}",
+            match args.output_format {
+                ImageFormat::Qed => QED_OPTIONS,
+                ImageFormat::Raw => RAW_OPTIONS,
+            }
+        );
+        return Ok(0);
+    }
+    let Some((target_path, sources)) = args.files.split_last().filter(|(_, s)| !s.is_empty())
+    else {
+        return Err(plain("Must specify image file name"));
+    };
+    if args.compress {
+        return Err(plain("Compression not supported for this file format"));
+    }
+    let source_options = OpenOptions {
+        force_share: args.force_share,
+        cache: args.source_cache.map_or_else(Default::default, Into::into),
+        backing: BackingPolicy::Follow,
+        ..OpenOptions::read_only()
+    };
+    let mut disks = Vec::with_capacity(sources.len());
+    for path in sources {
+        let disk = Disk::open(path, args.format.map(Into::into), &source_options).map_err(|e| {
+            CliError::new(
+                format!("Could not open '{}'", path.display()),
+                open_failure(&e),
+            )
+        })?;
+        disks.push(disk);
+    }
+    let total = disks
+        .iter()
+        .try_fold(0u64, |sum, d| sum.checked_add(d.size()))
+        .ok_or_else(|| plain("the sources are too large together"))?;
+    let target_name = target_path.display().to_string();
+    let backing = backing_of(args, &options, target_path, &target_name)?;
+    if backing.is_some() && disks.len() > 1 {
+        return Err(plain(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images",
+        ));
+    }
+    if args.target_is_zero && backing.is_some() {
+        return Err(plain(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+        ));
+    }
+    let target_cache = args.target_cache.map_or_else(Default::default, Into::into);
+    let target = if args.no_create {
+        let options = OpenOptions {
+            writable: true,
+            cache: target_cache,
+            backing: BackingPolicy::Follow,
+            ..OpenOptions::read_write()
+        };
+        // As qemu-img: the target's format is -O's (raw unless given), never probed.
+        Disk::open(target_path, Some(args.output_format.into()), &options).map_err(|e| {
+            CliError::new(format!("Could not open '{target_name}'"), open_failure(&e))
+        })?
+    } else {
+        create(
+            args,
+            &options,
+            target_path,
+            &target_name,
+            total,
+            backing.as_ref(),
+        )?
+    };
+    if target.size() < total {
+        return Err(plain("output file is smaller than input file"));
+    }
+    let convert_options = ConvertOptions {
+        sparse_size,
+        target_is_zero: args.target_is_zero || (!args.no_create && backing.is_none()),
+        // Only a new target's top layer is known empty: into an existing one everything is
+        // written.
+        diff_backing: backing.is_some() && !args.no_create,
+        target_offset: 0,
+    };
+    let mut progress = Progress::new(args.progress && !args.quiet);
+    let mut shift = 0;
+    let mut result = Ok(());
+    for disk in &disks {
+        let options = ConvertOptions {
+            target_offset: shift,
+            diff_backing: convert_options.diff_backing && disks.len() == 1,
+            ..convert_options
+        };
+        let done = ops::convert(disk, &target, &options, &mut |done, _| {
+            progress.update(shift + done, total);
+        });
+        if let Err(e) = done {
+            result = Err(convert_failure(&e));
+            break;
+        }
+        shift += disk.size();
+    }
+    if result.is_ok() {
+        progress.finish();
+    }
+    let closed = target.close();
+    result?;
+    closed.map_err(|e| CliError::new(format!("closing {target_name}"), open_failure(&e)))?;
+    Ok(0)
+}
+
+/// The message qemu-img prints for a failed copy.
+fn convert_failure(e: &ConvertError) -> CliError {
+    match e {
+        ConvertError::Invalid(e) => plain(e),
+        ConvertError::Status { offset, source } => plain(format!(
+            "error while reading block status at offset {offset}: {}",
+            errno_text(source)
+        )),
+        ConvertError::Read { offset, source } => plain(format!(
+            "error while reading at byte {offset}: {}",
+            errno_text(source)
+        )),
+        ConvertError::Write { offset, source } => plain(format!(
+            "error while writing at byte {offset}: {}",
+            errno_text(source)
+        )),
+    }
+}
+
+/// The backing file the target gets (`-B`, or `-o backing_file`), with its format (given, or
+/// probed with a warning).
+fn backing_of(
+    args: &ConvertArgs,
+    options: &OptionList,
+    target: &Path,
+    target_name: &str,
+) -> CliResult<Option<Backing>> {
+    let name = args
+        .backing
+        .clone()
+        .or_else(|| options.get("backing_file").map(str::to_string))
+        .filter(|name| !name.is_empty());
+    let Some(name) = name else { return Ok(None) };
+    let given = match (args.backing_format, options.get("backing_fmt")) {
+        (Some(format), _) => Some(format),
+        (None, Some(text)) => Some(ImageFormat::from_name(text).ok_or_else(|| {
+            CliError::new(
+                target_name,
+                format!("backing_fmt={text}: unknown format (expected qed or raw)"),
+            )
+        })?),
+        (None, None) => None,
+    };
+    let format = match given {
+        Some(format) => format,
+        None => {
+            let path = resolve_backing_path(target, &name);
+            let format = ImageFormat::resolve(&path, None).map_err(|e| {
+                CliError::new(
+                    target_name,
+                    format!(
+                        "could not open backing file '{}': {}",
+                        path.display(),
+                        open_failure(&e)
+                    ),
+                )
+            })?;
+            if !args.quiet {
+                eprintln!(
+                    "qed: warning: {target_name}: backing file '{name}' given without a backing \
+                     format; detected format {} (recorded in the image)",
+                    format.name()
+                );
+            }
+            format
+        }
+    };
+    Ok(Some(Backing { name, format }))
+}
+
+/// Creates the target and opens it for writing.
+fn create(
+    args: &ConvertArgs,
+    options: &OptionList,
+    path: &Path,
+    name: &str,
+    size: u64,
+    backing: Option<&Backing>,
+) -> CliResult<Disk> {
+    let fail = |why: &dyn std::fmt::Display| {
+        CliError::new(
+            format!(
+                "{name}: error while converting {}",
+                args.output_format.name()
+            ),
+            why,
+        )
+    };
+    let cache = args.target_cache.map_or_else(Default::default, Into::into);
+    let target = match args.output_format {
+        ImageFormat::Raw => {
+            options.check_known(&["size"])?;
+            if backing.is_some() {
+                return Err(plain("Backing file not supported for file format 'raw'"));
+            }
+            NewTarget::Raw
+        }
+        ImageFormat::Qed => {
+            options.check_known(&[
+                "size",
+                "backing_file",
+                "backing_fmt",
+                "cluster_size",
+                "table_size",
+            ])?;
+            let number = |key: &str, default: u32| -> CliResult<u32> {
+                let Some(text) = options.get(key) else {
+                    return Ok(default);
+                };
+                let value = parse_size(text)
+                    .map_err(|e| CliError::new(name, format!("{key}={text}: {e}")))?;
+                u32::try_from(value)
+                    .map_err(|_| fail(&format!("{key} {value} is invalid: out of range")))
+            };
+            let cluster_size = number("cluster_size", DEFAULT_CLUSTER_SIZE)?;
+            let table_size = number("table_size", DEFAULT_TABLE_SIZE)?;
+            let params = CreateParams {
+                image_size: size,
+                cluster_size,
+                table_size,
+                backing_file: backing.map(|b| b.name.clone()),
+                backing_raw: backing.is_some_and(|b| b.format == ImageFormat::Raw),
+            };
+            new_image_layout(&params).map_err(|e| fail(&e))?;
+            NewTarget::Qed {
+                cluster_size,
+                table_size,
+                backing: backing.map(|b| (b.name.as_str(), BackingFormat::from(b.format))),
+            }
+        }
+    };
+    ops::create_target(path, &target, size, cache).map_err(|e| fail(&open_failure(&e)))
+}

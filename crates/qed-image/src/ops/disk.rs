@@ -1,0 +1,280 @@
+//! [`Disk`]: what the whole-disk operations read and write — a QED image with its backing
+//! chain, or a raw file.
+
+use std::path::{Path, PathBuf};
+
+use crate::backing::BackingFormat;
+use crate::image::probe_format;
+use crate::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage};
+use crate::zero::ZeroFlags;
+use crate::{Error, Image, OpenOptions, Result};
+
+use super::SECTOR;
+
+/// A raw disk image: guest byte N is byte N of the storage. Its size is the storage's length
+/// at open rounded up to whole sectors, as QEMU sees it (the partial tail reads as zeros).
+pub struct RawDisk {
+    storage: Box<dyn Storage>,
+    size: u64,
+    writable: bool,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RawDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDisk")
+            .field("size", &self.size)
+            .field("writable", &self.writable)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawDisk {
+    /// A raw disk on any storage.
+    pub fn new(storage: Box<dyn Storage>, writable: bool) -> Result<Self> {
+        let len = storage.len().map_err(Error::io("length", 0))?;
+        Ok(Self {
+            storage,
+            size: sector_rounded(len),
+            writable,
+            path: None,
+        })
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+}
+
+/// A disk the operations work on.
+#[derive(Debug)]
+pub enum Disk {
+    /// A QED image, with the backing chain it was opened with.
+    Qed(Image),
+    /// A raw file.
+    Raw(RawDisk),
+}
+
+/// `len` rounded up to whole sectors.
+pub(crate) fn sector_rounded(len: u64) -> u64 {
+    len.div_ceil(SECTOR).saturating_mul(SECTOR)
+}
+
+impl Disk {
+    /// Opens `path` as `format` (probed by the QED magic when `None`). A QED image opens its
+    /// backing chain as `options.backing` says; a raw file is opened with `options.writable`,
+    /// `options.cache` and the lock `options.force_share` allows.
+    pub fn open(path: &Path, format: Option<BackingFormat>, options: &OpenOptions) -> Result<Self> {
+        let format = match format {
+            Some(format) => format,
+            None => probe_format(path)?,
+        };
+        match format {
+            BackingFormat::Qed => Ok(Self::Qed(Image::open(path, options)?)),
+            BackingFormat::Raw => {
+                let storage = FileStorage::open(
+                    path,
+                    &FileOptions {
+                        writable: options.writable,
+                        create: false,
+                        cache: options.cache,
+                        lock: LockMode::for_access(options.writable, options.force_share),
+                    },
+                )
+                .map_err(Error::io("open", 0))?;
+                let mut raw = RawDisk::new(Box::new(storage), options.writable)?;
+                raw.path = Some(path.to_path_buf());
+                Ok(Self::Raw(raw))
+            }
+        }
+    }
+
+    /// Creates (or truncates) the raw file at `path`, `size` bytes long and all holes, and
+    /// opens it for writing.
+    pub fn create_raw(path: &Path, size: u64, cache: CacheMode) -> Result<Self> {
+        let storage = FileStorage::open(
+            path,
+            &FileOptions {
+                writable: true,
+                create: true,
+                cache,
+                lock: LockMode::Write,
+            },
+        )
+        .map_err(Error::io("create", 0))?;
+        storage
+            .set_len(size)
+            .map_err(Error::io("set length", size))?;
+        Ok(Self::Raw(RawDisk {
+            storage: Box::new(storage),
+            size: sector_rounded(size),
+            writable: true,
+            path: Some(path.to_path_buf()),
+        }))
+    }
+
+    /// The format.
+    pub fn format(&self) -> BackingFormat {
+        match self {
+            Self::Qed(_) => BackingFormat::Qed,
+            Self::Raw(_) => BackingFormat::Raw,
+        }
+    }
+
+    /// The QED image, if this is one.
+    pub fn image(&self) -> Option<&Image> {
+        match self {
+            Self::Qed(image) => Some(image),
+            Self::Raw(_) => None,
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Self::Qed(image) => image.size(),
+            Self::Raw(raw) => raw.size,
+        }
+    }
+
+    /// Whether writes are allowed.
+    pub fn is_writable(&self) -> bool {
+        match self {
+            Self::Qed(image) => image.is_writable(),
+            Self::Raw(raw) => raw.writable,
+        }
+    }
+
+    /// The file it was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Qed(image) => image.path(),
+            Self::Raw(raw) => raw.path.as_deref(),
+        }
+    }
+
+    /// The cluster size of a QED image (writes of whole clusters allocate nothing twice).
+    pub fn cluster_size(&self) -> Option<u64> {
+        self.image().map(Image::cluster_size)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    fn raw_for_write(&self, offset: u64, len: u64) -> Result<&RawDisk> {
+        let Self::Raw(raw) = self else {
+            unreachable!("only called for raw disks")
+        };
+        if !raw.writable {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        Ok(raw)
+    }
+
+    /// Reads guest bytes (through the backing chain for QED).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self {
+            Self::Qed(image) => image.read_at(buf, offset),
+            Self::Raw(raw) => {
+                self.check_range(offset, buf.len() as u64)?;
+                raw.storage
+                    .read_at(buf, offset)
+                    .map_err(Error::io("read", offset))
+            }
+        }
+    }
+
+    /// Writes guest bytes.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Self::Qed(image) => image.write_at(buf, offset),
+            Self::Raw(_) => {
+                let raw = self.raw_for_write(offset, buf.len() as u64)?;
+                raw.storage
+                    .write_at(buf, offset)
+                    .map_err(Error::io("write", offset))
+            }
+        }
+    }
+
+    /// Makes a range read as zeros; `may_unmap` lets the host space go (zero clusters and
+    /// punched ranges rather than zeros written in place).
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        match self {
+            Self::Qed(image) => image.write_zeroes_with(
+                offset,
+                len,
+                ZeroFlags {
+                    may_unmap,
+                    fast_only: false,
+                },
+            ),
+            Self::Raw(_) => {
+                let raw = self.raw_for_write(offset, len)?;
+                // Never past the file's end: a raw file does not grow by zeroing its tail.
+                let file_len = raw.storage.len().map_err(Error::io("length", 0))?;
+                let len = len.min(file_len.saturating_sub(offset));
+                if len == 0 {
+                    return Ok(());
+                }
+                let result = if may_unmap {
+                    raw.storage.punch_hole(offset, len)
+                } else {
+                    raw.storage.write_zeroes(offset, len)
+                };
+                result.map_err(Error::io("write zeroes", offset))
+            }
+        }
+    }
+
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Self::Qed(image) => image.flush(),
+            Self::Raw(raw) => raw.storage.flush().map_err(Error::io("flush", 0)),
+        }
+    }
+
+    /// Closes the disk: a QED image writes back its metadata and clears NEED_CHECK; a raw
+    /// file opened for writing is flushed.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Self::Qed(image) => image.close(),
+            Self::Raw(raw) => {
+                if raw.writable {
+                    raw.storage.flush().map_err(Error::io("flush", 0))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    #[test]
+    fn raw_size_is_rounded_to_sectors() {
+        let raw = RawDisk::new(Box::new(MemoryStorage::from_bytes(vec![7; 1000])), false).unwrap();
+        let disk = Disk::Raw(raw);
+        assert_eq!(disk.size(), 1024);
+        let mut buf = [1u8; 24];
+        disk.read_at(&mut buf, 1000).unwrap();
+        assert_eq!(buf, [0; 24]);
+        assert!(matches!(
+            disk.read_at(&mut buf, 1001),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(disk.write_at(&buf, 0), Err(Error::ReadOnly)));
+    }
+}
