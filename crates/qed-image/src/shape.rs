@@ -68,8 +68,11 @@ impl Shared {
         if new_size > old_size {
             // Entries past the old end (none in an image this engine wrote) must not appear;
             // the clusters they held are reclaimed before the disk grows over them.
-            if self.drop_entries_from(old_size)? {
-                self.write_back()?;
+            let dropped = self.drop_entries_from(old_size)?;
+            // Barrier (write-back ends with a flush): the zeroed tail of the last cluster and
+            // the dropped entries are durable before the size that shows them.
+            self.write_back()?;
+            if dropped {
                 self.check_after_drop()?;
             }
             self.write_shape(set_size, None)?;

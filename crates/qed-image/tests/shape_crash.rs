@@ -713,9 +713,36 @@ fn set_backing_crash_names_longer_than_a_sector() {
 #[test]
 fn set_backing_crash_long_name_that_does_not_fit_after_the_old_one() {
     // In a 4 KiB header, a 1000-byte name at offset 64 (where QEMU writes it) leaves no room
-    // for a 3100-byte name after it; in a 64 KiB header there is room.
+    // clear of it for a 3100-byte name: the change is refused and nothing is written (QEMU
+    // would write header and name in one torn-able write). In a 64 KiB header there is room.
     for (cs, ts) in GEOMETRIES {
         let qemu = named(&long_name(1000, 7), true);
+        if u64::from(cs) == 4096 {
+            let c = u64::from(cs);
+            let storage = create_memory(&params(
+                64 * c,
+                cs,
+                ts,
+                qemu.as_ref().map(|n| std::str::from_utf8(&n.name).unwrap()),
+                true,
+            ));
+            let before = storage.to_bytes();
+            let image = open_shared(&storage, &rw_options(), None);
+            let err = image
+                .set_backing(Some(NewBacking {
+                    name: long_name(3100, 8),
+                    format: Some(BackingFormat::Raw),
+                    layer: None,
+                }))
+                .expect_err("no room clear of the old name");
+            assert!(err.to_string().contains("No space left"), "{err}");
+            image.close().unwrap();
+            assert!(
+                storage.to_bytes() == before,
+                "a refused change wrote something"
+            );
+            continue;
+        }
         backing_crash(cs, ts, qemu, &[], named(&long_name(3100, 8), true));
     }
 }
