@@ -215,7 +215,10 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
             },
         )
         .map_err(|e| open_error(os_text(&e)))?;
-        eprintln!("qed: This image format does not support checks");
+        eprintln!(
+            "{}: This image format does not support checks",
+            crate::prog()
+        );
         return Ok(EXIT_NOT_SUPPORTED);
     }
     let options = OpenOptions {

@@ -61,7 +61,8 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
     let open = |path: &PathBuf, format: Option<ImageFormat>| {
         Disk::open(path, format.map(Into::into), &options).map_err(|e| {
             eprintln!(
-                "qed: Could not open '{}': {}",
+                "{}: Could not open '{}': {}",
+                crate::prog(),
                 path.display(),
                 open_failure(&e)
             );
@@ -122,7 +123,8 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
         }
         Err(CompareError::Status { side, error }) => {
             eprintln!(
-                "qed: Sector allocation test failed for {}: {error}",
+                "{}: Sector allocation test failed for {}: {error}",
+                crate::prog(),
                 name(side)
             );
             EXIT_STATUS
@@ -133,7 +135,8 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
             error,
         }) => {
             eprintln!(
-                "qed: Error while reading offset {offset} of {}: {}",
+                "{}: Error while reading offset {offset} of {}: {}",
+                crate::prog(),
                 name(side),
                 errno_text(&error)
             );

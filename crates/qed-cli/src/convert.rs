@@ -323,8 +323,9 @@ fn backing_of(
             })?;
             if !args.quiet {
                 eprintln!(
-                    "qed: warning: {target_name}: backing file '{name}' given without a backing \
+                    "{}: warning: {target_name}: backing file '{name}' given without a backing \
                      format; detected format {} (recorded in the image)",
+                    crate::prog(),
                     format.name()
                 );
             }

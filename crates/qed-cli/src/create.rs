@@ -244,8 +244,9 @@ fn inspect_backing(
     let format = ImageFormat::resolve(&path, given).map_err(|e| fail(open_failure(&e)))?;
     if given.is_none() {
         eprintln!(
-            "qed: warning: {name}: backing file '{backing}' given without a backing format; \
+            "{}: warning: {name}: backing file '{backing}' given without a backing format; \
              detected format {} (recorded in the image)",
+            crate::prog(),
             format.name()
         );
     }
@@ -287,7 +288,10 @@ fn warn_if_qemu_cannot_open(name: &str, params: &CreateParams) {
                 params.cluster_size, params.table_size
             )
         };
-        eprintln!("qed: warning: {name}: QEMU cannot open this image: {why}");
+        eprintln!(
+            "{}: warning: {name}: QEMU cannot open this image: {why}",
+            crate::prog()
+        );
     }
     if params
         .backing_file
@@ -295,8 +299,9 @@ fn warn_if_qemu_cannot_open(name: &str, params: &CreateParams) {
         .is_some_and(|b| b.len() > QEMU_MAX_BACKING_NAME_LEN)
     {
         eprintln!(
-            "qed: warning: {name}: QEMU cannot open this image: it reads backing file names of \
-             at most {QEMU_MAX_BACKING_NAME_LEN} bytes"
+            "{}: warning: {name}: QEMU cannot open this image: it reads backing file names of \
+             at most {QEMU_MAX_BACKING_NAME_LEN} bytes",
+            crate::prog()
         );
     }
 }

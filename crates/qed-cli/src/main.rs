@@ -2,7 +2,11 @@
 //!
 //! Subcommands follow `docs/cli.md` (the command-line contract): option letters,
 //! output lines, JSON fields and exit codes are those of `qemu-img` / `qemu-io`. Every error is
-//! printed as `qed: <what failed>: <why>` and exits with status 1.
+//! printed as `<program>: <what failed>: <why>` and exits with status 1.
+//!
+//! One binary, several names: invoked through a link named `qemu-img`, `qemu-io` or
+//! `qemu-nbd`, `qed` is that program (`qemu-io ARGS` runs `qed io ARGS`, `qemu-nbd ARGS` runs
+//! `qed serve ARGS`), and its error lines start with the name it was invoked as.
 
 mod check;
 mod compare;
@@ -19,7 +23,9 @@ mod progress;
 mod size;
 mod text;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
 
@@ -88,20 +94,53 @@ fn report_usage_error(e: &clap::Error) -> ExitCode {
         .collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    eprintln!("qed: {message}");
-    eprintln!("Try 'qed --help' for more information.");
+    eprintln!("{}: {message}", crate::prog());
+    eprintln!("Try '{} --help' for more information.", prog());
     ExitCode::FAILURE
 }
 
+/// The name this program was invoked as, for error lines: `qed`, or the QEMU tool it stands
+/// in for.
+pub(crate) fn prog() -> &'static str {
+    PROGRAM.get().map_or("qed", String::as_str)
+}
+
+static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// The arguments as `qed` parses them: under a QEMU tool's name, that tool's subcommand is
+/// put in front of them.
+fn arguments() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let invoked = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let subcommand = match invoked.as_str() {
+        "qemu-img" => None,
+        "qemu-io" => Some("io"),
+        "qemu-nbd" => Some("serve"),
+        _ => {
+            let _ = PROGRAM.set("qed".into());
+            return args;
+        }
+    };
+    let _ = PROGRAM.set(invoked.clone());
+    if let Some(subcommand) = subcommand {
+        args.insert(1, subcommand.into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(arguments()) {
         Ok(cli) => cli,
         Err(e) => return report_usage_error(&e),
     };
     match run(&cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("qed: {e}");
+            eprintln!("{}: {e}", crate::prog());
             ExitCode::FAILURE
         }
     }

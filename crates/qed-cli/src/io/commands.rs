@@ -80,7 +80,10 @@ fn buffer(con: &mut Console<'_>, op: &str, len: u64, fill: u8) -> Option<Vec<u8>
     let mut buf = Vec::new();
     let len = usize::try_from(len).ok()?;
     if let Err(e) = buf.try_reserve_exact(len) {
-        con.err(&format!("qed: {op}: cannot allocate {len} bytes: {e}\n"));
+        con.err(&format!(
+            "{}: {op}: cannot allocate {len} bytes: {e}\n",
+            crate::prog()
+        ));
         return None;
     }
     buf.resize(len, fill);
@@ -91,7 +94,7 @@ fn buffer(con: &mut Console<'_>, op: &str, len: u64, fill: u8) -> Option<Vec<u8>
 /// engine's detail on stderr.
 fn failed(con: &mut Console<'_>, op: &str, e: &Error) -> Outcome {
     con.out(&format!("{op} failed: {}\n", errno_text(e)));
-    con.err(&format!("qed: {op}: {e}\n"));
+    con.err(&format!("{}: {op}: {e}\n", crate::prog()));
     Outcome::Failed
 }
 
@@ -128,7 +131,7 @@ pub fn read(target: &Target, con: &mut Console<'_>, args: &[String]) -> Outcome 
         }
     }
     if let Some(e) = &parsed.error {
-        con.err(&format!("qed: read: {}\n", e.message()));
+        con.err(&format!("{}: read: {}\n", crate::prog(), e.message()));
         return usage(con, "read");
     }
     let [offset_arg, count_arg] = parsed.operands.as_slice() else {
@@ -202,7 +205,7 @@ pub fn write(target: &Target, con: &mut Console<'_>, args: &[String]) -> Outcome
         }
     }
     if let Some(e) = &parsed.error {
-        con.err(&format!("qed: write: {}\n", e.message()));
+        con.err(&format!("{}: write: {}\n", crate::prog(), e.message()));
         return usage(con, "write");
     }
     let [offset_arg, count_arg] = parsed.operands.as_slice() else {
@@ -296,12 +299,16 @@ fn fill_from_file(con: &mut Console<'_>, buf: &mut [u8], path: &str) -> Option<(
     let filled = match read() {
         Ok(n) => n,
         Err(e) => {
-            con.err(&format!("qed: {path}: {}\n", crate::error::os_text(&e)));
+            con.err(&format!(
+                "{}: {path}: {}\n",
+                crate::prog(),
+                crate::error::os_text(&e)
+            ));
             return None;
         }
     };
     if filled == 0 && !buf.is_empty() {
-        con.err(&format!("qed: {path}: file is empty\n"));
+        con.err(&format!("{}: {path}: file is empty\n", crate::prog()));
         return None;
     }
     let mut at = filled;
@@ -319,7 +326,7 @@ pub fn discard(target: &Target, con: &mut Console<'_>, args: &[String]) -> Outco
     let terse = parsed.options.iter().any(|(c, _)| *c == 'C');
     let quiet = parsed.options.iter().any(|(c, _)| *c == 'q');
     if let Some(e) = &parsed.error {
-        con.err(&format!("qed: discard: {}\n", e.message()));
+        con.err(&format!("{}: discard: {}\n", crate::prog(), e.message()));
         return usage(con, "discard");
     }
     let [offset_arg, count_arg] = parsed.operands.as_slice() else {
@@ -350,7 +357,7 @@ pub fn flush(target: &Target, con: &mut Console<'_>, _args: &[String]) -> Outcom
     match target.flush() {
         Ok(()) => Outcome::Done,
         Err(e) => {
-            con.err(&format!("qed: flush: {e}\n"));
+            con.err(&format!("{}: flush: {e}\n", crate::prog()));
             Outcome::Failed
         }
     }
@@ -377,7 +384,8 @@ pub fn map(target: &Target, con: &mut Console<'_>, _args: &[String]) -> Outcome 
         None => Outcome::Done,
         Some(e) => {
             con.err(&format!(
-                "qed: Failed to get allocation status: {} ({e})\n",
+                "{}: Failed to get allocation status: {} ({e})\n",
+                crate::prog(),
                 errno_text(&e)
             ));
             Outcome::Failed

@@ -231,7 +231,10 @@ pub fn run_command(target: &Target, con: &mut Console<'_>, line: &str) -> Outcom
         return Outcome::Done;
     };
     let Some(cmd) = find_command(name) else {
-        con.err(&format!("qed: command \"{name}\" not found\n"));
+        con.err(&format!(
+            "{}: command \"{name}\" not found\n",
+            crate::prog()
+        ));
         return Outcome::Failed;
     };
     let argc = args.len();
@@ -242,7 +245,8 @@ pub fn run_command(target: &Target, con: &mut Console<'_>, line: &str) -> Outcom
             Some(max) => format!("between {} and {max} arguments", cmd.argmin),
         };
         con.err(&format!(
-            "qed: bad argument count {argc} to {name}, expected {expected}\n"
+            "{}: bad argument count {argc} to {name}, expected {expected}\n",
+            crate::prog()
         ));
         return Outcome::Failed;
     }
@@ -313,7 +317,7 @@ fn run_stdin(target: &Target, con: &mut Console<'_>) -> bool {
                 Outcome::Quit => return failed,
             },
             Err(e) => {
-                con.err(&format!("qed: reading commands: {e}\n"));
+                con.err(&format!("{}: reading commands: {e}\n", crate::prog()));
                 return true;
             }
         }

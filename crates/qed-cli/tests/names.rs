@@ -1,0 +1,87 @@
+//! One binary, several names: through a link named `qemu-img` or `qemu-io`, `qed` is that
+//! program, and its error lines start with the name it was invoked as.
+
+mod common;
+
+use common::{code, have_qemu, qed_path, run_in, stderr, stdout};
+
+fn links(dir: &std::path::Path) {
+    for name in ["qemu-img", "qemu-io", "qemu-nbd"] {
+        std::os::unix::fs::symlink(qed_path(), dir.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn invoked_as_qemu_img_and_qemu_io_it_is_those_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    links(d);
+    let img = d.join("qemu-img").display().to_string();
+    let io = d.join("qemu-io").display().to_string();
+    let out = run_in(d, &img, &["create", "-f", "qed", "disk.qed", "1M"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("Formatting 'disk.qed', fmt=qed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run_in(
+        d,
+        &io,
+        &[
+            "-c",
+            "write -P 0x5a 0 4k",
+            "-c",
+            "read -P 0x5a 0 4k",
+            "disk.qed",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("wrote 4096/4096 bytes at offset 0"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("read 4096/4096 bytes at offset 0"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run_in(d, &img, &["check", "disk.qed"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    if have_qemu() {
+        let out = run_in(d, "qemu-img", &["check", "disk.qed"]);
+        assert_eq!(code(&out), 0, "{}", stdout(&out));
+    }
+}
+
+#[test]
+fn error_lines_start_with_the_name_it_was_invoked_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    links(d);
+    for (name, args) in [
+        ("qemu-img", vec!["info", "missing.qed"]),
+        ("qemu-io", vec!["-c", "read 0 512", "missing.qed"]),
+        ("qemu-img", vec!["no-such-command"]),
+    ] {
+        let program = d.join(name).display().to_string();
+        let out = run_in(d, &program, &args);
+        assert_ne!(code(&out), 0);
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&format!("{name}: ")),
+            "{name} {args:?}: {err}"
+        );
+        assert!(
+            !err.lines().any(|l| l.starts_with("qed: ")),
+            "{name} {args:?}: {err}"
+        );
+    }
+    let out = run_in(
+        d,
+        &qed_path().display().to_string(),
+        &["info", "missing.qed"],
+    );
+    assert!(stderr(&out).starts_with("qed: "), "{}", stderr(&out));
+}
