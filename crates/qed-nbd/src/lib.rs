@@ -6,3 +6,4 @@
 //! order, many connections on one [`qed_image::Image`]. Only [`server`] touches sockets.
 
 pub mod proto;
+pub mod server;
