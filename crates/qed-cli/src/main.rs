@@ -12,6 +12,7 @@ mod info;
 mod io;
 mod json;
 mod options;
+mod serve;
 mod size;
 mod text;
 
@@ -44,6 +45,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Run I/O commands on an image (as `qemu-io`).
     Io(io::IoArgs),
+    /// Serve an image over NBD (as `qemu-nbd`).
+    Serve(serve::ServeArgs),
 }
 
 fn run(cli: &Cli) -> Result<i32, CliError> {
@@ -52,6 +55,7 @@ fn run(cli: &Cli) -> Result<i32, CliError> {
         Command::Info(args) => info::run(args),
         Command::Check(args) => check::run(args),
         Command::Io(args) => io::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

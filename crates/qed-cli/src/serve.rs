@@ -1,0 +1,234 @@
+//! `qed serve`: qemu-nbd for QED images. Parses qemu-nbd's options, opens the image, runs the
+//! NBD server until the last client leaves (or SIGINT/SIGTERM), then flushes and closes the
+//! image, which marks it clean.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use qed_image::{BackingPolicy, CacheMode, Image, OpenOptions};
+use qed_nbd::proto::ExportConfig;
+use qed_nbd::server::{DetectZeroes, Discard, Endpoint, Event, Server, ServerConfig};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::error::{open_failure, CliError, CliResult};
+use crate::format::ImageFormat;
+
+/// Connections served at once when `-e 0` asks for no limit.
+const MAX_SHARED: usize = 256;
+
+/// `--discard`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscardArg {
+    /// Trim requests succeed and change nothing.
+    Ignore,
+    /// Trim requests give whole clusters back.
+    Unmap,
+}
+
+/// `--detect-zeroes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DetectZeroesArg {
+    /// Write zeros as data.
+    Off,
+    /// Write buffers of zeros as zero writes.
+    On,
+    /// As `on`, and let them give space back (with `--discard unmap`).
+    Unmap,
+}
+
+/// Arguments of `qed serve` (qemu-nbd's letters).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Image format (qed; raw is not served yet).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<ImageFormat>,
+    /// Address to listen on.
+    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
+    bind: String,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 10809)]
+    port: u16,
+    /// Listen on this Unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<PathBuf>,
+    /// Export name.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    /// Export description.
+    #[arg(short = 'D', long = "description")]
+    description: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// How many clients at once (0: up to 256).
+    #[arg(short = 'e', long = "shared", default_value_t = 1)]
+    shared: usize,
+    /// Do not exit when the last client leaves.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Snapshot mode (not supported).
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// Offset into the image (not supported).
+    #[arg(short = 'o', long = "offset")]
+    offset: Option<String>,
+    /// Log connections on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+    /// Run in the background (not supported).
+    #[arg(long = "fork")]
+    fork: bool,
+    /// Write the process id to this file.
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// Cache mode: writeback (default), writethrough, none, directsync, unsafe.
+    #[arg(long = "cache", default_value = "writeback")]
+    cache: String,
+    /// AIO mode (accepted; the engine uses threads).
+    #[arg(long = "aio")]
+    aio: Option<String>,
+    /// What trim requests do.
+    #[arg(long = "discard", value_enum, default_value = "ignore")]
+    discard: DiscardArg,
+    /// Turn writes of zeros into zero writes.
+    #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
+    detect_zeroes: DetectZeroesArg,
+    /// TLS credentials directory (not supported yet).
+    #[arg(long = "tls-creds")]
+    tls_creds: Option<PathBuf>,
+    /// TLS host name (not supported yet).
+    #[arg(long = "tls-hostname")]
+    tls_hostname: Option<String>,
+    /// Verify TLS clients (not supported yet).
+    #[arg(long = "tls-verify-peer")]
+    tls_verify_peer: bool,
+    /// The image.
+    file: PathBuf,
+}
+
+fn unsupported(what: &str) -> CliError {
+    CliError::plain(format!("{what} is not supported"))
+}
+
+fn cache_mode(name: &str) -> CliResult<CacheMode> {
+    match name {
+        "writeback" | "writethrough" => Ok(CacheMode::Writeback),
+        "none" | "directsync" => Ok(CacheMode::None),
+        "unsafe" => Ok(CacheMode::Unsafe),
+        other => Err(CliError::plain(format!("Invalid cache mode '{other}'"))),
+    }
+}
+
+/// Runs `qed serve`.
+pub fn run(args: &ServeArgs) -> CliResult<i32> {
+    if args.snapshot {
+        return Err(unsupported("--snapshot"));
+    }
+    if args.fork {
+        return Err(unsupported("--fork"));
+    }
+    if args.offset.as_deref().is_some_and(|o| o != "0") {
+        return Err(unsupported("--offset"));
+    }
+    if args.tls_creds.is_some() || args.tls_hostname.is_some() || args.tls_verify_peer {
+        return Err(unsupported("TLS"));
+    }
+    let format = ImageFormat::resolve(&args.file, args.format).map_err(|e| {
+        CliError::new(
+            format!("Failed to blk_new_open '{}'", args.file.display()),
+            open_failure(&e),
+        )
+    })?;
+    if format == ImageFormat::Raw {
+        return Err(CliError::new(
+            args.file.display().to_string(),
+            "serving raw images is not supported; serve a QED image",
+        ));
+    }
+    let options = OpenOptions {
+        writable: !args.read_only,
+        cache: cache_mode(&args.cache)?,
+        backing: BackingPolicy::Follow,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&args.file, &options).map_err(|e| {
+        CliError::new(
+            format!("Failed to blk_new_open '{}'", args.file.display()),
+            open_failure(&e),
+        )
+    })?;
+    let mut export = ExportConfig::new(args.export_name.clone(), image.size());
+    export.description = args.description.clone();
+    export.writable = !args.read_only;
+    export.allocation_depth = args.allocation_depth;
+    let mut config = ServerConfig::new(export);
+    config.max_connections = if args.shared == 0 {
+        MAX_SHARED
+    } else {
+        args.shared.min(MAX_SHARED)
+    };
+    config.persistent = args.persistent;
+    config.discard = match args.discard {
+        DiscardArg::Ignore => Discard::Ignore,
+        DiscardArg::Unmap => Discard::Unmap,
+    };
+    config.detect_zeroes = match args.detect_zeroes {
+        DetectZeroesArg::Off => DetectZeroes::Off,
+        DetectZeroesArg::On => DetectZeroes::On,
+        DetectZeroesArg::Unmap => DetectZeroes::Unmap,
+    };
+    let endpoint = match &args.socket {
+        Some(path) => Endpoint::Unix(path.clone()),
+        None => Endpoint::Tcp {
+            host: args.bind.clone(),
+            port: args.port,
+        },
+    };
+    let mut server = Server::bind(&endpoint, config).map_err(|e| {
+        CliError::new(
+            format!("Failed to bind {endpoint}"),
+            crate::error::os_text(&e),
+        )
+    })?;
+    if args.verbose {
+        server.on_event(|event| match event {
+            Event::Connected { peer } => eprintln!("qed: client {peer} connected"),
+            Event::Disconnected { peer, reason } => {
+                eprintln!("qed: client {peer} disconnected: {reason}")
+            }
+        });
+    }
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| CliError::new("signal handlers", crate::error::os_text(&e)))?;
+    let signal_handle = signals.handle();
+    let stop = server.shutdown_handle();
+    let waiter = std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            stop.shutdown();
+        }
+    });
+    if let Some(pid_file) = &args.pid_file {
+        std::fs::write(pid_file, format!("{}\n", std::process::id())).map_err(|e| {
+            CliError::new(pid_file.display().to_string(), crate::error::os_text(&e))
+        })?;
+    }
+    let image = Arc::new(image);
+    let served = server.run(Arc::clone(&image));
+    signal_handle.close();
+    let _ = waiter.join();
+    if let Some(pid_file) = &args.pid_file {
+        let _ = std::fs::remove_file(pid_file);
+    }
+    // Every connection has ended: this is the last reference. Close flushes and marks clean.
+    let closed = match Arc::try_unwrap(image) {
+        Ok(image) => image.close(),
+        Err(image) => image.flush(),
+    };
+    served.map_err(|e| CliError::new("server", crate::error::os_text(&e)))?;
+    closed.map_err(|e| CliError::new(args.file.display().to_string(), e))?;
+    Ok(0)
+}
