@@ -166,15 +166,15 @@ pub fn check(request: &Request, limits: &Limits) -> Result<(), u32> {
             if !limits.writable {
                 return Err(EPERM);
             }
+            if command == Command::Write && request.payload > u64::from(limits.max_payload) {
+                return Err(EINVAL);
+            }
             if !inside {
                 return Err(if command == Command::Trim {
                     EINVAL
                 } else {
                     ENOSPC
                 });
-            }
-            if command == Command::Write && request.payload > u64::from(limits.max_payload) {
-                return Err(EINVAL);
             }
         }
         Command::Read => {
