@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use qed_image::{BackingPolicy, CacheMode, Image, OpenOptions};
+use qed_nbd::export::{Export, RawExport};
 use qed_nbd::proto::ExportConfig;
 use qed_nbd::server::{DetectZeroes, Discard, Endpoint, Event, Server, ServerConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -40,7 +41,7 @@ pub enum DetectZeroesArg {
 /// Arguments of `qed serve` (qemu-nbd's letters).
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Image format (qed; raw is not served yet).
+    /// Image format: qed or raw (probed when not given).
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<ImageFormat>,
     /// Address to listen on.
@@ -110,6 +111,39 @@ pub struct ServeArgs {
     file: PathBuf,
 }
 
+/// The opened image, kept to close it after the server is done with it.
+enum Opened {
+    Qed(Arc<Image>),
+    Raw(Arc<RawExport>),
+}
+
+impl Opened {
+    fn export(&self) -> Arc<dyn Export> {
+        match self {
+            Self::Qed(image) => Arc::clone(image) as Arc<dyn Export>,
+            Self::Raw(raw) => Arc::clone(raw) as Arc<dyn Export>,
+        }
+    }
+
+    /// Flushes, and for QED writes back and marks the image clean. Called after the server
+    /// returned, so this holds the last reference.
+    fn close(self) -> qed_image::Result<()> {
+        match self {
+            Self::Qed(image) => match Arc::try_unwrap(image) {
+                Ok(image) => image.close(),
+                Err(image) => image.flush(),
+            },
+            Self::Raw(raw) => {
+                if raw.is_writable() {
+                    raw.flush()
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
 fn unsupported(what: &str) -> CliError {
     CliError::plain(format!("{what} is not supported"))
 }
@@ -143,24 +177,28 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
             open_failure(&e),
         )
     })?;
-    if format == ImageFormat::Raw {
-        return Err(CliError::new(
-            args.file.display().to_string(),
-            "serving raw images is not supported; serve a QED image",
-        ));
-    }
-    let options = OpenOptions {
-        writable: !args.read_only,
-        cache: cache_mode(&args.cache)?,
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::default()
+    let cache = cache_mode(&args.cache)?;
+    let opened = match format {
+        ImageFormat::Qed => {
+            let options = OpenOptions {
+                writable: !args.read_only,
+                cache,
+                backing: BackingPolicy::Follow,
+                ..OpenOptions::default()
+            };
+            Image::open(&args.file, &options).map(|i| Opened::Qed(Arc::new(i)))
+        }
+        ImageFormat::Raw => {
+            RawExport::open(&args.file, !args.read_only, cache).map(|r| Opened::Raw(Arc::new(r)))
+        }
     };
-    let image = Image::open(&args.file, &options).map_err(|e| {
+    let opened = opened.map_err(|e| {
         CliError::new(
             format!("Failed to blk_new_open '{}'", args.file.display()),
             open_failure(&e),
         )
     })?;
+    let image = opened.export();
     let mut export = ExportConfig::new(args.export_name.clone(), image.size());
     export.description = args.description.clone();
     export.writable = !args.read_only;
@@ -216,18 +254,13 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
             CliError::new(pid_file.display().to_string(), crate::error::os_text(&e))
         })?;
     }
-    let image = Arc::new(image);
-    let served = server.run(Arc::clone(&image));
+    let served = server.run(image);
     signal_handle.close();
     let _ = waiter.join();
     if let Some(pid_file) = &args.pid_file {
         let _ = std::fs::remove_file(pid_file);
     }
-    // Every connection has ended: this is the last reference. Close flushes and marks clean.
-    let closed = match Arc::try_unwrap(image) {
-        Ok(image) => image.close(),
-        Err(image) => image.flush(),
-    };
+    let closed = opened.close();
     served.map_err(|e| CliError::new("server", crate::error::os_text(&e)))?;
     closed.map_err(|e| CliError::new(args.file.display().to_string(), e))?;
     Ok(0)

@@ -478,6 +478,58 @@ fn nbdcopy_over_several_connections() {
 }
 
 #[test]
+fn raw_files_are_served_too() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "raw", "d.raw", "4M"],
+    );
+    let mut served = Served::unix(dir.path(), &["-f", "raw"], "d.raw");
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &served.uri,
+            "-c",
+            "write -P 0x42 1M 64k",
+            "-c",
+            "read -P 0x42 1M 64k",
+            "-c",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(served.wait(), 0);
+    let mut served = Served::unix(dir.path(), &["-r"], "d.raw");
+    let map = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &served.uri],
+    );
+    assert_eq!(served.wait(), 0);
+    let runs = map_runs(&map);
+    assert!(
+        runs.contains(&(1 << 20, 65536, true, false)),
+        "the written range is data: {map}"
+    );
+    assert!(
+        runs.iter().any(|r| !r.2 && r.3),
+        "holes read as zeros: {map}"
+    );
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", "-r", "d.raw", "-c", "read -P 0x42 1M 64k"],
+    );
+}
+
+#[test]
 fn unsupported_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "d.qed", "1M");

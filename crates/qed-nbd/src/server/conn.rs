@@ -6,8 +6,7 @@ use std::net::Shutdown;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
-use qed_image::Image;
-
+use crate::export::Export;
 use crate::proto::{
     check, decode_request, failure, header_len, Action, Command, Handshake, Limits, Negotiated,
     ProtoError, ReplyTo,
@@ -57,14 +56,19 @@ impl From<ProtoError> for End {
 }
 
 /// Runs one connection to its end.
-pub fn serve(stream: Stream, image: &Arc<Image>, pool: &Pool, config: &ServerConfig) -> End {
+pub fn serve(stream: Stream, image: &Arc<dyn Export>, pool: &Pool, config: &ServerConfig) -> End {
     match run(stream, image, pool, config) {
         Ok(()) => End::Client,
         Err(e) => e,
     }
 }
 
-fn run(stream: Stream, image: &Arc<Image>, pool: &Pool, config: &ServerConfig) -> Result<(), End> {
+fn run(
+    stream: Stream,
+    image: &Arc<dyn Export>,
+    pool: &Pool,
+    config: &ServerConfig,
+) -> Result<(), End> {
     let mut writer = stream.try_clone()?;
     stream.set_read_timeout(Some(config.handshake_timeout))?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -116,7 +120,7 @@ fn transmission(
     reader: BufReader<Stream>,
     writer: Stream,
     negotiated: Negotiated,
-    image: &Arc<Image>,
+    image: &Arc<dyn Export>,
     pool: &Pool,
     config: &ServerConfig,
 ) -> Result<(), End> {
@@ -172,7 +176,7 @@ fn requests(
     budget: &Arc<Budget>,
     session: &Session,
     limits: &Limits,
-    image: &Arc<Image>,
+    image: &Arc<dyn Export>,
     pool: &Pool,
 ) -> Result<(), End> {
     let session = Arc::new(session.clone());
@@ -216,7 +220,7 @@ fn requests(
         let session = Arc::clone(&session);
         let replies = replies.clone();
         pool.submit(move || {
-            let bytes = execute(&image, &session, &request, payload);
+            let bytes = execute(&*image, &session, &request, payload);
             let _ = replies.send(Outgoing { bytes, cost });
         });
     }

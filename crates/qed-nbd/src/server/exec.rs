@@ -2,8 +2,9 @@
 //! worker; touches no socket.
 
 use nix::errno::Errno;
-use qed_image::{Error, Image, ZeroFlags};
+use qed_image::{Error, ZeroFlags};
 
+use crate::export::Export;
 use crate::proto::consts::*;
 use crate::proto::{
     block_status_chunk, chunk_header_len, data_chunk_header, descriptor_len, error_chunk, failure,
@@ -88,7 +89,12 @@ pub fn reply_cost(request: &Request, session: &Session) -> usize {
 }
 
 /// Serves `request` (already checked) and returns the reply bytes.
-pub fn execute(image: &Image, session: &Session, request: &Request, payload: Vec<u8>) -> Vec<u8> {
+pub fn execute(
+    image: &dyn Export,
+    session: &Session,
+    request: &Request,
+    payload: Vec<u8>,
+) -> Vec<u8> {
     let to = ReplyTo {
         mode: session.mode,
         cookie: request.cookie,
@@ -107,7 +113,7 @@ pub fn execute(image: &Image, session: &Session, request: &Request, payload: Vec
                 fast_only: request.has(CMD_FLAG_FAST_ZERO),
             };
             image
-                .write_zeroes_with(offset, length, flags)
+                .write_zeroes(offset, length, flags)
                 .and_then(|()| flush_if(image, fua))
         }
         Command::Trim => match session.discard {
@@ -127,7 +133,7 @@ pub fn execute(image: &Image, session: &Session, request: &Request, payload: Vec
     out
 }
 
-fn flush_if(image: &Image, fua: bool) -> qed_image::Result<()> {
+fn flush_if(image: &dyn Export, fua: bool) -> qed_image::Result<()> {
     if fua {
         image.flush()
     } else {
@@ -136,7 +142,7 @@ fn flush_if(image: &Image, fua: bool) -> qed_image::Result<()> {
 }
 
 fn write(
-    image: &Image,
+    image: &dyn Export,
     session: &Session,
     offset: u64,
     data: &[u8],
@@ -148,25 +154,19 @@ fn write(
                 && session.discard == Discard::Unmap,
             fast_only: false,
         };
-        image.write_zeroes_with(offset, data.len() as u64, flags)?;
+        image.write_zeroes(offset, data.len() as u64, flags)?;
         return flush_if(image, fua);
     }
-    if fua {
-        image.write_at_fua(data, offset)
-    } else {
-        image.write_at(data, offset)
-    }
+    image.write_at(data, offset, fua)
 }
 
-/// A prefetch hint: walk the range's extents, which loads its tables into the cache.
-fn cache(image: &Image, offset: u64, length: u64) -> qed_image::Result<()> {
-    for extent in image.chain_extents_iter(offset, length).take(MAX_EXTENTS) {
-        extent?;
-    }
-    Ok(())
+/// A prefetch hint: look up the range's status, which loads a QED image's tables into the
+/// cache.
+fn cache(image: &dyn Export, offset: u64, length: u64) -> qed_image::Result<()> {
+    image.status(offset, length, MAX_EXTENTS, false).map(drop)
 }
 
-fn read(image: &Image, to: ReplyTo, request: &Request) -> Vec<u8> {
+fn read(image: &dyn Export, to: ReplyTo, request: &Request) -> Vec<u8> {
     // Checked against the maximum payload before it got here.
     let len = request.length as usize;
     let offset = request.offset;
@@ -220,7 +220,7 @@ fn read(image: &Image, to: ReplyTo, request: &Request) -> Vec<u8> {
     out
 }
 
-fn status(image: &Image, session: &Session, to: ReplyTo, request: &Request) -> Vec<u8> {
+fn status(image: &dyn Export, session: &Session, to: ReplyTo, request: &Request) -> Vec<u8> {
     let mut out = Vec::new();
     let max = if request.has(CMD_FLAG_REQ_ONE) {
         1

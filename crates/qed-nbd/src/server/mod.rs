@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use qed_image::Image;
 
+use crate::export::Export;
 use crate::proto::ExportConfig;
 use pool::Pool;
 
@@ -194,10 +194,11 @@ impl Server {
         }
     }
 
-    /// Serves `image` until stopped through a [`ShutdownHandle`], or (unless persistent) until
-    /// the last client has left. Every connection has finished when it returns; flushing and
-    /// closing the image is the caller's.
-    pub fn run(self, image: Arc<Image>) -> io::Result<()> {
+    /// Serves `image` (a [`qed_image::Image`] or a [`crate::export::RawExport`]) until
+    /// stopped through a [`ShutdownHandle`], or (unless persistent) until the last client has
+    /// left. Every connection has finished, and every reference to `image` the server took is
+    /// gone, when it returns; flushing and closing the image is the caller's.
+    pub fn run(self, image: Arc<dyn Export>) -> io::Result<()> {
         let mut config = self.config.clone();
         config.export.size = image.size();
         config.export.writable = config.export.writable && image.is_writable();

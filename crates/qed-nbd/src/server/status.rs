@@ -1,8 +1,9 @@
-//! What the extent iterators say, in NBD's terms: which parts of a read are holes, and the
+//! What an export's status says, in NBD's terms: which parts of a read are holes, and the
 //! block status descriptors of `base:allocation` and `qemu:allocation-depth`.
 
-use qed_image::{ChainExtent, ChainKind, ExtentKind, Image, Result};
+use qed_image::Result;
 
+use crate::export::Export;
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::{Descriptor, MetaContext};
 
@@ -20,18 +21,16 @@ pub struct ReadPiece {
     pub zero: bool,
 }
 
-/// The pieces of `[offset, offset + len)`: zeros where no layer of the chain holds data
-/// (unallocated everywhere, or a zero cluster on top); data elsewhere, backing data included.
-/// Always covers the whole range (an iterator that stops early leaves data to read).
-pub fn read_pieces(image: &Image, offset: u64, len: u64) -> Result<Vec<ReadPiece>> {
+/// The pieces of `[offset, offset + len)`: zeros where the export says so (for QED: no layer
+/// holds data, or a zero cluster or punched data on top), data elsewhere, backing data
+/// included. Always covers the whole range (a short status leaves data to read).
+pub fn read_pieces(export: &dyn Export, offset: u64, len: u64) -> Result<Vec<ReadPiece>> {
     let mut pieces: Vec<ReadPiece> = Vec::new();
     let end = offset + len;
     let mut pos = offset;
-    for extent in image.chain_extents_iter(offset, len) {
-        let e = extent?;
-        let zero = matches!(e.kind, ChainKind::Unallocated | ChainKind::Zero);
-        push_piece(&mut pieces, e.offset, e.length, zero);
-        pos = e.offset + e.length;
+    for s in export.status(offset, len, MAX_EXTENTS, true)? {
+        push_piece(&mut pieces, s.offset, s.length, s.zero);
+        pos = s.offset + s.length;
     }
     if pos < end {
         push_piece(&mut pieces, pos, end - pos, false);
@@ -56,24 +55,6 @@ fn push_piece(pieces: &mut Vec<ReadPiece>, offset: u64, length: u64, zero: bool)
     });
 }
 
-/// `base:allocation` flags of a chain extent: zero and hole where nothing or a zero cluster
-/// holds it, 0 (data) elsewhere.
-fn base_status(kind: ChainKind) -> u32 {
-    match kind {
-        ChainKind::Data { .. } => 0,
-        _ => STATE_HOLE | STATE_ZERO,
-    }
-}
-
-/// `qemu:allocation-depth` of a chain extent: 0 where no layer holds it, else the layer's
-/// depth counted from 1 (this image).
-fn depth_status(e: &ChainExtent) -> u32 {
-    match e.kind {
-        ChainKind::Unallocated => 0,
-        _ => u32::try_from(e.depth + 1).unwrap_or(u32::MAX),
-    }
-}
-
 fn push(list: &mut Vec<Descriptor>, length: u64, status: u32) {
     if length == 0 {
         return;
@@ -88,10 +69,11 @@ fn push(list: &mut Vec<Descriptor>, length: u64, status: u32) {
 }
 
 /// Descriptors for each of `contexts` over `[offset, offset + len)`, at most `max` per
-/// context (fewer covering less of the range when the map is fragmented). Data on top whose
-/// host bytes are a hole (space a discard gave back) counts as hole and zero.
+/// context (fewer covering less of the range when the map is that fragmented).
+/// `base:allocation` is `HOLE` and `ZERO` as the export says; `qemu:allocation-depth` is the
+/// depth of the layer holding the range (0: none).
 pub fn block_status(
-    image: &Image,
+    export: &dyn Export,
     offset: u64,
     len: u64,
     contexts: &[MetaContext],
@@ -100,31 +82,10 @@ pub fn block_status(
     let want_base = contexts.contains(&MetaContext::BaseAllocation);
     let mut base = Vec::new();
     let mut depth = Vec::new();
-    let full =
-        |base: &Vec<Descriptor>, depth: &Vec<Descriptor>| base.len() >= max || depth.len() >= max;
-    for extent in image.chain_extents_iter(offset, len) {
-        let e = extent?;
-        push(&mut depth, e.length, depth_status(&e));
-        if want_base {
-            if e.depth == 0 && matches!(e.kind, ChainKind::Data { .. }) {
-                for piece in image.extents_with_holes(e.offset, e.length) {
-                    let p = piece?;
-                    let status = match p.kind {
-                        ExtentKind::Data { .. } => 0,
-                        _ => STATE_HOLE | STATE_ZERO,
-                    };
-                    push(&mut base, p.length, status);
-                    if base.len() > max {
-                        break;
-                    }
-                }
-            } else {
-                push(&mut base, e.length, base_status(e.kind));
-            }
-        }
-        if full(&base, &depth) {
-            break;
-        }
+    for s in export.status(offset, len, max, want_base)? {
+        let flags = if s.hole { STATE_HOLE } else { 0 } | if s.zero { STATE_ZERO } else { 0 };
+        push(&mut base, s.length, flags);
+        push(&mut depth, s.length, s.depth);
     }
     base.truncate(max);
     depth.truncate(max);
@@ -141,7 +102,7 @@ pub fn block_status(
 mod tests {
     use super::*;
     use qed_image::storage::MemoryStorage;
-    use qed_image::{CreateParams, OpenOptions};
+    use qed_image::{CreateParams, Image, OpenOptions};
 
     fn image() -> Image {
         let storage = MemoryStorage::new();
