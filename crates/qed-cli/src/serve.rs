@@ -210,6 +210,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         args.shared.min(MAX_SHARED)
     };
     config.persistent = args.persistent;
+    config.writethrough = matches!(args.cache.as_str(), "writethrough" | "directsync");
     config.discard = match args.discard {
         DiscardArg::Ignore => Discard::Ignore,
         DiscardArg::Unmap => Discard::Unmap,

@@ -457,7 +457,12 @@ fn nbdcopy_over_several_connections() {
             "write -P 0xa5 20M 4M",
         ],
     );
-    let served = Served::unix(dir.path(), &["-t", "-e", "4"], "d.qed");
+    // Writethrough: every write is flushed before its reply.
+    let served = Served::unix(
+        dir.path(),
+        &["-t", "-e", "4", "--cache", "writethrough"],
+        "d.qed",
+    );
     run_ok(
         dir.path(),
         "nbdcopy",

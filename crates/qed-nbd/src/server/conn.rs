@@ -150,6 +150,7 @@ fn transmission(
         contexts: negotiated.contexts.clone(),
         discard: config.discard,
         detect_zeroes: config.detect_zeroes,
+        writethrough: config.writethrough,
     };
     let limits = Limits {
         mode: negotiated.mode,

@@ -46,6 +46,8 @@ pub struct Session {
     pub discard: Discard,
     /// Zero detection on writes.
     pub detect_zeroes: DetectZeroes,
+    /// Every write is durable before its reply (as if it carried FUA).
+    pub writethrough: bool,
 }
 
 /// The NBD error value for an engine error.
@@ -102,7 +104,7 @@ pub fn execute(
     };
     let mut out = Vec::new();
     let (offset, length) = (request.offset, request.length);
-    let fua = request.has(CMD_FLAG_FUA);
+    let fua = request.has(CMD_FLAG_FUA) || session.writethrough;
     let result = match request.command {
         Command::Read => return read(image, to, request),
         Command::BlockStatus => return status(image, session, to, request),

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub discard: Discard,
     /// Zero detection on writes (`--detect-zeroes`).
     pub detect_zeroes: DetectZeroes,
+    /// Make every write durable before replying (`--cache writethrough`, `directsync`).
+    pub writethrough: bool,
     /// Worker threads shared by every connection.
     pub workers: usize,
     /// Most requests in flight on one connection.
@@ -68,6 +70,7 @@ impl ServerConfig {
             persistent: false,
             discard: Discard::Ignore,
             detect_zeroes: DetectZeroes::Off,
+            writethrough: false,
             workers: 8,
             max_in_flight: 16,
             max_in_flight_bytes: 64 << 20,
