@@ -477,6 +477,38 @@ fn extended_block_status_and_64_bit_zero_writes() {
 }
 
 #[test]
+fn shutdown_does_not_wait_forever_for_a_client_that_reads_nothing() {
+    let served = serve(image(true), |c| {
+        c.shutdown_grace = std::time::Duration::from_millis(200);
+        c.max_in_flight = 2;
+    });
+    let mut c = Client::connect(&served.path, Mode::Structured, &[]);
+    // Large reads whose replies the client never takes: the writer blocks, then the reader.
+    let sender = {
+        let mut s = c.s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for i in 0..64u64 {
+                let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
+                v.extend(0u16.to_be_bytes());
+                v.extend(CMD_READ.to_be_bytes());
+                v.extend(i.to_be_bytes());
+                v.extend(0u64.to_be_bytes());
+                v.extend((4u32 << 20).to_be_bytes());
+                if s.write_all(&v).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    served.stop.shutdown();
+    served.thread.join().unwrap().unwrap();
+    sender.join().unwrap();
+    let mut rest = Vec::new();
+    let _ = c.s.read_to_end(&mut rest);
+}
+
+#[test]
 fn shutdown_lets_requests_in_flight_finish() {
     let served = serve(image(true), |_| {});
     let mut c = Client::connect(&served.path, Mode::Structured, &[]);

@@ -58,11 +58,15 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// How long a client may take over each read of the handshake.
     pub handshake_timeout: Duration,
+    /// At a stop, how long connections may take to send their last replies before their
+    /// sockets are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
     /// Defaults for `export`: one connection, not persistent, trim ignored, 8 workers, 16
-    /// requests and 64 MiB in flight per connection, 30 s per handshake read.
+    /// requests and 64 MiB in flight per connection, 30 s per handshake read, 30 s to finish
+    /// at a stop.
     pub fn new(export: ExportConfig) -> Self {
         Self {
             export,
@@ -75,6 +79,7 @@ impl ServerConfig {
             max_in_flight: 16,
             max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -291,6 +296,19 @@ impl Server {
         for r in &running {
             if let Some(s) = &r.socket {
                 let _ = s.shutdown(Shutdown::Read);
+            }
+        }
+        // A client that stops reading its replies would hold its writer (and so its reader)
+        // forever: after the grace period its socket is closed both ways.
+        let deadline = std::time::Instant::now() + config.shutdown_grace;
+        while running.iter().any(|r| !r.thread.is_finished())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for r in &running {
+            if let (false, Some(s)) = (r.thread.is_finished(), &r.socket) {
+                let _ = s.shutdown(Shutdown::Both);
             }
         }
         for r in running {
