@@ -8,7 +8,9 @@ use std::sync::Arc;
 use qed_image::{BackingPolicy, CacheMode, Image, OpenOptions};
 use qed_nbd::export::{Export, RawExport};
 use qed_nbd::proto::ExportConfig;
-use qed_nbd::server::{DetectZeroes, Discard, Endpoint, Event, Server, ServerConfig};
+use qed_nbd::server::{
+    load_credentials, DetectZeroes, Discard, Endpoint, Event, Server, ServerConfig,
+};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -98,13 +100,14 @@ pub struct ServeArgs {
     /// Turn writes of zeros into zero writes.
     #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
     detect_zeroes: DetectZeroesArg,
-    /// TLS credentials directory (not supported yet).
+    /// TLS credentials directory: server-cert.pem, server-key.pem (and ca-cert.pem to verify
+    /// clients); every client must then start TLS.
     #[arg(long = "tls-creds")]
     tls_creds: Option<PathBuf>,
-    /// TLS host name (not supported yet).
+    /// TLS host name (a client option; not supported).
     #[arg(long = "tls-hostname")]
     tls_hostname: Option<String>,
-    /// Verify TLS clients (not supported yet).
+    /// Require client certificates that chain to ca-cert.pem.
     #[arg(long = "tls-verify-peer")]
     tls_verify_peer: bool,
     /// The image.
@@ -168,9 +171,19 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     if args.offset.as_deref().is_some_and(|o| o != "0") {
         return Err(unsupported("--offset"));
     }
-    if args.tls_creds.is_some() || args.tls_hostname.is_some() || args.tls_verify_peer {
-        return Err(unsupported("TLS"));
+    if args.tls_hostname.is_some() {
+        return Err(unsupported("--tls-hostname (a client option)"));
     }
+    if args.tls_verify_peer && args.tls_creds.is_none() {
+        return Err(CliError::plain("--tls-verify-peer needs --tls-creds"));
+    }
+    let tls = match &args.tls_creds {
+        Some(dir) => Some(
+            load_credentials(dir, args.tls_verify_peer)
+                .map_err(|e| CliError::new(format!("TLS credentials in {}", dir.display()), e))?,
+        ),
+        None => None,
+    };
     let format = ImageFormat::resolve(&args.file, args.format).map_err(|e| {
         CliError::new(
             format!("Failed to blk_new_open '{}'", args.file.display()),
@@ -210,6 +223,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         args.shared.min(MAX_SHARED)
     };
     config.persistent = args.persistent;
+    config.tls = tls;
     config.writethrough = matches!(args.cache.as_str(), "writethrough" | "directsync");
     config.discard = match args.discard {
         DiscardArg::Ignore => Discard::Ignore,

@@ -534,6 +534,166 @@ fn raw_files_are_served_too() {
     );
 }
 
+/// Whether openssl runs (a note, or a failure under CI=true, when it does not).
+fn have_openssl() -> bool {
+    let found = Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("openssl is required when CI=true");
+        }
+        eprintln!("note: openssl not found; skipping the TLS test");
+    }
+    found
+}
+
+/// A CA, a server certificate for localhost and 127.0.0.1 in `srv/` and a client certificate
+/// in `cli/` (both with the CA's certificate), and `nocert/` with the CA's certificate only.
+fn make_certificates(dir: &Path) {
+    for d in ["srv", "cli", "nocert"] {
+        std::fs::create_dir(dir.join(d)).unwrap();
+    }
+    let openssl = |args: &[&str]| run_ok(dir, "openssl", args);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=qed test CA",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (who, key, cert, ext) in [
+        (
+            "localhost",
+            "srv/server-key.pem",
+            "srv/server-cert.pem",
+            "server.ext",
+        ),
+        (
+            "qed client",
+            "cli/client-key.pem",
+            "cli/client-cert.pem",
+            "client.ext",
+        ),
+    ] {
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            "req.csr",
+            "-subj",
+            &format!("/CN={who}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ]);
+    }
+    for d in ["srv", "cli", "nocert"] {
+        std::fs::copy(dir.join("ca-cert.pem"), dir.join(d).join("ca-cert.pem")).unwrap();
+    }
+}
+
+/// qemu-io on the TLS export at `port` with the client credentials in `creds`.
+fn qemu_io_tls(dir: &Path, creds: &str, port: u16, commands: &[&str]) -> std::process::Output {
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        dir.join(creds).display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0"
+    );
+    let mut args = vec!["--object", object.as_str(), "--image-opts", image.as_str()];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    run_in(dir, "qemu-io", &args)
+}
+
+#[test]
+fn tls_is_required_and_works_with_qemu_and_libnbd() {
+    if !have_qemu() || !have_openssl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    create(dir.path(), "d.qed", "8M");
+    let served = Served::tcp(
+        dir.path(),
+        &["-t", "--tls-creds", "srv", "--tls-verify-peer"],
+        "d.qed",
+    );
+    let port: u16 = served.uri.rsplit(':').next().unwrap().parse().unwrap();
+    let o = qemu_io_tls(
+        dir.path(),
+        "cli",
+        port,
+        &["write -P 0x77 0 1M", "read -P 0x77 0 1M", "read -P 0 1M 1M"],
+    );
+    assert!(
+        o.status.success() && !stdout(&o).contains("failed"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // Without TLS, and with TLS but no client certificate: refused.
+    let o = run_in(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", &served.uri, "-c", "read 0 4k"],
+    );
+    assert!(
+        stderr(&o).contains("TLS is required"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let o = qemu_io_tls(dir.path(), "nocert", port, &["read 0 4k"]);
+    assert!(!o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    if have("nbdinfo") {
+        let uri = format!(
+            "nbds://127.0.0.1:{port}/?tls-certificates={}",
+            dir.path().join("cli").display()
+        );
+        let info = run_ok(dir.path(), "nbdinfo", &[&uri]);
+        assert!(info.contains("with TLS"), "{info}");
+    }
+    assert_eq!(served.terminate(), 0);
+    assert_clean(dir.path(), "d.qed");
+}
+
 #[test]
 fn unsupported_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -541,7 +701,7 @@ fn unsupported_options_are_refused() {
     for args in [
         &["serve", "--fork", "d.qed"][..],
         &["serve", "-s", "d.qed"],
-        &["serve", "--tls-creds", "x", "d.qed"],
+        &["serve", "--tls-hostname", "x", "d.qed"],
     ] {
         let o = qed(dir.path(), args);
         assert_eq!(code(&o), 1, "{args:?}");

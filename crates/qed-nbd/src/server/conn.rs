@@ -9,13 +9,14 @@ use std::sync::Arc;
 use crate::export::Export;
 use crate::proto::{
     check, decode_request, failure, header_len, Action, Command, Handshake, Limits, Negotiated,
-    ProtoError, ReplyTo,
+    ProtoError, ReplyTo, TlsMode,
 };
 
 use super::budget::Budget;
 use super::exec::{execute, reply_cost, Session};
 use super::pool::Pool;
 use super::stream::Stream;
+use super::tls;
 use super::ServerConfig;
 
 /// Why a connection ended.
@@ -55,12 +56,31 @@ impl From<ProtoError> for End {
     }
 }
 
-/// Runs one connection to its end.
+/// Runs one connection to its end, then closes its socket (other handles on it, such as the
+/// accept loop's, must not keep the client waiting).
 pub fn serve(stream: Stream, image: &Arc<dyn Export>, pool: &Pool, config: &ServerConfig) -> End {
-    match run(stream, image, pool, config) {
+    let closer = stream.try_clone();
+    let end = match run(stream, image, pool, config) {
         Ok(()) => End::Client,
         Err(e) => e,
+    };
+    if let Ok(socket) = closer {
+        let _ = socket.shutdown(Shutdown::Both);
     }
+    end
+}
+
+/// Reads of the connection: the socket, or the TLS session on it.
+type Input = BufReader<Box<dyn Read + Send>>;
+/// Writes of the connection.
+type Output = Box<dyn Write + Send>;
+
+/// A connection's byte streams, plain or through TLS.
+struct Io {
+    socket: Stream,
+    reader: Input,
+    writer: Output,
+    tls: Option<Arc<tls::Session>>,
 }
 
 fn run(
@@ -69,40 +89,66 @@ fn run(
     pool: &Pool,
     config: &ServerConfig,
 ) -> Result<(), End> {
-    let mut writer = stream.try_clone()?;
     stream.set_read_timeout(Some(config.handshake_timeout))?;
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let Some(negotiated) = handshake(&mut reader, &mut writer, config)? else {
+    let mut io = Io {
+        reader: BufReader::with_capacity(64 * 1024, Box::new(stream.try_clone()?)),
+        writer: Box::new(stream.try_clone()?),
+        socket: stream,
+        tls: None,
+    };
+    let Some(negotiated) = handshake(&mut io, config)? else {
+        if let Some(session) = &io.tls {
+            let _ = session.close();
+        }
         return Ok(());
     };
-    reader.get_ref().set_read_timeout(None)?;
-    transmission(reader, writer, negotiated, image, pool, config)
+    io.socket.set_read_timeout(None)?;
+    let (socket, tls) = (io.socket.try_clone()?, io.tls.clone());
+    let result = transmission(
+        io.reader, io.writer, socket, negotiated, image, pool, config,
+    );
+    if let Some(session) = tls {
+        // NBD_CMD_DISC ends the TLS session before the connection.
+        let _ = session.close();
+    }
+    result
 }
 
-/// Runs the handshake; `None` if the client aborted.
-fn handshake(
-    reader: &mut BufReader<Stream>,
-    writer: &mut Stream,
-    config: &ServerConfig,
-) -> Result<Option<Negotiated>, End> {
+/// Runs the handshake, upgrading `io` to TLS when the client starts it; `None` if the client
+/// aborted.
+fn handshake(io: &mut Io, config: &ServerConfig) -> Result<Option<Negotiated>, End> {
     let mut export = config.export.clone();
-    export.tls = crate::proto::TlsMode::Off;
+    export.tls = if config.tls.is_some() {
+        TlsMode::Required
+    } else {
+        TlsMode::Off
+    };
     let mut hs = Handshake::new(export);
-    writer.write_all(&hs.greeting())?;
+    io.writer.write_all(&hs.greeting())?;
     let mut buf = vec![0u8; 4096];
     loop {
         let want = hs.wants().min(buf.len());
-        let n = reader.read(&mut buf[..want])?;
+        let n = io.reader.read(&mut buf[..want])?;
         if n == 0 {
             return Err(End::Client);
         }
         for action in hs.on_bytes(&buf[..n])? {
             match action {
-                Action::Send(bytes) => writer.write_all(&bytes)?,
+                Action::Send(bytes) => io.writer.write_all(&bytes)?,
                 Action::Abort => return Ok(None),
-                Action::StartTls { .. } => {
-                    // TLS is never offered (the handshake is configured without it).
-                    return Err(End::Client);
+                Action::StartTls { leftover } => {
+                    let Some(credentials) = &config.tls else {
+                        // Not offered: the handshake never asks for it then.
+                        return Err(End::Client);
+                    };
+                    // What the client sent past the option starts its TLS handshake.
+                    let mut pending = leftover;
+                    pending.extend_from_slice(io.reader.buffer());
+                    let (session, reader) =
+                        tls::Session::start(Arc::clone(credentials), &io.socket, pending)?;
+                    io.reader = BufReader::with_capacity(64 * 1024, Box::new(reader));
+                    io.writer = Box::new(session.writer());
+                    io.tls = Some(session);
                 }
                 Action::Done(n) => return Ok(Some(n)),
             }
@@ -117,8 +163,9 @@ struct Outgoing {
 }
 
 fn transmission(
-    reader: BufReader<Stream>,
-    writer: Stream,
+    reader: Input,
+    writer: Output,
+    socket: Stream,
     negotiated: Negotiated,
     image: &Arc<dyn Export>,
     pool: &Pool,
@@ -130,7 +177,7 @@ fn transmission(
     ));
     let (replies, outgoing) = channel::<Outgoing>();
     let writer_budget = Arc::clone(&budget);
-    let shutdown_handle = writer.try_clone()?;
+    let writer_socket = socket;
     let writer_thread = std::thread::Builder::new()
         .name("nbd-writer".into())
         .spawn(move || {
@@ -140,7 +187,7 @@ fn transmission(
                 if !broken && writer.write_all(&reply.bytes).is_err() {
                     // The client is gone: stop the reader too; keep giving the budget back.
                     broken = true;
-                    let _ = writer.shutdown(Shutdown::Both);
+                    let _ = writer_socket.shutdown(Shutdown::Both);
                 }
                 writer_budget.give(reply.cost);
             }
@@ -167,7 +214,6 @@ fn transmission(
     budget.drain();
     drop(replies);
     let _ = writer_thread.join();
-    let _ = shutdown_handle.shutdown(Shutdown::Both);
     result
 }
 

@@ -14,6 +14,7 @@ mod exec;
 mod pool;
 mod status;
 mod stream;
+mod tls;
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -34,6 +35,7 @@ use pool::Pool;
 pub use exec::{DetectZeroes, Discard};
 pub use status::MAX_EXTENTS;
 pub use stream::{Endpoint, Listener};
+pub use tls::load_credentials;
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -61,6 +63,8 @@ pub struct ServerConfig {
     /// At a stop, how long connections may take to send their last replies before their
     /// sockets are closed.
     pub shutdown_grace: Duration,
+    /// TLS credentials ([`load_credentials`]); with them every client must start TLS first.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -80,6 +84,7 @@ impl ServerConfig {
             max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
