@@ -1,6 +1,7 @@
 //! The NBD protocol without I/O: the handshake as a state machine (bytes in, actions out),
 //! request decoding and checking, and reply encoding. Nothing here touches a socket.
 
+mod config;
 pub mod consts;
 mod error;
 mod handshake;
@@ -9,11 +10,9 @@ mod reply;
 mod request;
 mod wire;
 
+pub use config::{BlockSize, ExportConfig, Mode, TlsMode};
 pub use error::ProtoError;
-pub use handshake::{
-    Action, BlockSize, ExportConfig, Handshake, Mode, Negotiated, TlsMode, MAX_OPTIONS,
-    MAX_OPTION_LEN,
-};
+pub use handshake::{Action, Handshake, Negotiated, MAX_OPTIONS, MAX_OPTION_LEN};
 pub use option::MetaContext;
 pub use reply::{
     block_status_chunk, chunk_header_len, data_chunk_header, descriptor_len, error_chunk, failure,

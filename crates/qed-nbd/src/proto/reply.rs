@@ -1,8 +1,8 @@
 //! Transmission replies: simple replies, structured chunks and extended chunks, appended to a
 //! buffer. The mode decides which headers are used; the callers say what to send.
 
+use super::config::Mode;
 use super::consts::*;
-use super::handshake::Mode;
 use super::option::clip;
 use super::wire::PutBe;
 

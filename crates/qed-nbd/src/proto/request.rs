@@ -1,9 +1,9 @@
 //! Transmission requests: the compact (28-byte) and extended (32-byte) headers, and the checks
 //! that decide whether a request is served or refused with an error.
 
+use super::config::Mode;
 use super::consts::*;
 use super::error::ProtoError;
-use super::handshake::Mode;
 use super::wire::Cursor;
 
 /// A command.
