@@ -15,35 +15,47 @@ use common::*;
 struct Served {
     child: Child,
     uri: String,
+    pid_file: PathBuf,
 }
 
 impl Served {
     /// Starts `qed serve ARGS... FILE` on a Unix socket in `dir` and waits until it listens.
     fn unix(dir: &Path, args: &[&str], file: &str) -> Self {
         let socket = dir.join(format!("nbd-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&socket);
-        let mut all = vec!["serve", "-k", socket.to_str().expect("utf-8 path")];
-        all.extend_from_slice(args);
-        all.push(file);
-        let child = spawn(dir, &all);
-        wait_for(|| socket.exists());
+        let socket_text = socket.to_str().expect("utf-8 path").to_string();
         let uri = format!("nbd+unix:///?socket={}", socket.display());
-        Self { child, uri }
+        Self::start(dir, &["-k", &socket_text], args, file, uri)
     }
 
     /// Starts `qed serve -p PORT ARGS... FILE` on a free TCP port of 127.0.0.1.
     fn tcp(dir: &Path, args: &[&str], file: &str) -> Self {
-        let port = free_port();
-        let port_text = port.to_string();
-        let mut all = vec!["serve", "-b", "127.0.0.1", "-p", port_text.as_str()];
+        let port = free_port().to_string();
+        let uri = format!("nbd://127.0.0.1:{port}");
+        Self::start(dir, &["-b", "127.0.0.1", "-p", &port], args, file, uri)
+    }
+
+    /// Starts the server with `--pid-file` and waits for the file: it is written once the
+    /// socket listens (a probe connection would count as a client).
+    fn start(dir: &Path, endpoint: &[&str], args: &[&str], file: &str, uri: String) -> Self {
+        let pid_file = dir.join("qed-serve.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let pid_text = pid_file.to_str().expect("utf-8 path").to_string();
+        let mut all = vec!["serve", "--pid-file", pid_text.as_str()];
+        all.extend_from_slice(endpoint);
         all.extend_from_slice(args);
         all.push(file);
         let child = spawn(dir, &all);
-        // A probe connection would count as a client; wait for the port to be bound instead.
-        wait_for(|| TcpListener::bind(("127.0.0.1", port)).is_err());
+        wait_for(|| std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with('\n')));
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(pid, child.id());
         Self {
             child,
-            uri: format!("nbd://127.0.0.1:{port}"),
+            uri,
+            pid_file,
         }
     }
 
@@ -62,6 +74,7 @@ impl Served {
     fn wait(&mut self) -> i32 {
         for _ in 0..200 {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(!self.pid_file.exists(), "the pid file is removed at exit");
                 return status.code().unwrap_or(-1);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -147,6 +160,10 @@ fn qemu_io_writes_reads_and_the_image_is_clean_after() {
     }
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "d.qed", "64M");
+    // A socket left behind by a server that died is replaced.
+    let stale = dir.path().join(format!("nbd-{}.sock", std::process::id()));
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
     let mut served = Served::unix(dir.path(), &[], "d.qed");
     let out = run_ok(
         dir.path(),

@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
@@ -47,7 +48,14 @@ impl Listener {
                 let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
                 Self::Tcp(TcpListener::bind(&addrs[..])?)
             }
-            Endpoint::Unix(path) => Self::Unix(UnixListener::bind(path)?, path.clone()),
+            Endpoint::Unix(path) => {
+                // A socket left by a server that died is replaced, as QEMU does; any other
+                // file stays and the bind fails.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    std::fs::remove_file(path)?;
+                }
+                Self::Unix(UnixListener::bind(path)?, path.clone())
+            }
         };
         match &listener {
             Self::Tcp(l) => l.set_nonblocking(true)?,
