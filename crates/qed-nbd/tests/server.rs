@@ -524,3 +524,43 @@ fn shutdown_lets_requests_in_flight_finish() {
     assert_eq!(answered, 8);
     served.thread.join().unwrap().unwrap();
 }
+
+#[test]
+fn writes_on_one_connection_are_seen_and_flushed_from_another() {
+    let served = serve(image(true), |_| {});
+    let mut a = Client::connect(&served.path, Mode::Structured, &[]);
+    let mut b = Client::connect(&served.path, Mode::Extended, &[]);
+    assert_ne!(a.flags & TFLAG_CAN_MULTI_CONN, 0);
+    a.request(0, CMD_WRITE, 1, 4096, 4096, &[0x3c; 4096]);
+    assert_eq!(a.reply(0).error, 0);
+    b.request(0, CMD_FLUSH, 2, 0, 0, &[]);
+    assert_eq!(b.reply(0).error, 0);
+    assert_eq!(b.read(3, 4096, 4096, 0), vec![0x3c; 4096]);
+    a.disconnect();
+    b.disconnect();
+    served.finish();
+}
+
+#[test]
+fn connections_past_the_limit_wait_for_a_free_slot() {
+    let served = serve(image(true), |c| c.max_connections = 1);
+    let first = Client::connect(&served.path, Mode::Structured, &[]);
+    let mut second = UnixStream::connect(&served.path).unwrap();
+    second
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    let early = second.read(&mut greeting);
+    assert!(
+        early.is_err(),
+        "no greeting while the only slot is taken: {early:?}"
+    );
+    first.disconnect();
+    second
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    second.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    drop(second);
+    served.finish();
+}
