@@ -16,6 +16,7 @@ mod serve;
 mod size;
 mod text;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -92,7 +93,8 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("qed: {e}");
+            // A write error is ignored: stderr may be a pipe nobody reads (`serve --fork`).
+            let _ = writeln!(std::io::stderr(), "qed: {e}");
             ExitCode::FAILURE
         }
     }

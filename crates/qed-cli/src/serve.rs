@@ -2,6 +2,7 @@
 //! NBD server until the last client leaves (or SIGINT/SIGTERM), then flushes and closes the
 //! image, which marks it clean.
 
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -82,9 +83,12 @@ pub struct ServeArgs {
     /// Log connections on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
-    /// Run in the background (not supported).
+    /// Run in the background: return once the server listens.
     #[arg(long = "fork")]
     fork: bool,
+    /// Print "ready" on stdout once listening (how --fork learns it; not for people).
+    #[arg(long = "notify-ready", hide = true)]
+    notify_ready: bool,
     /// Write the process id to this file.
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
@@ -147,6 +151,51 @@ impl Opened {
     }
 }
 
+/// `--fork`: runs the same command again without it, in the background, and returns once the
+/// child listens (it says so on its stdout) with exit status 0, or with the child's status if
+/// it failed first. Until then the child's stderr is passed on; afterwards the child holds
+/// neither of the parent's output streams, so `$(qed serve --fork ...)` returns. Safe Rust
+/// cannot fork; a new process does the same.
+fn fork() -> CliResult<i32> {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| CliError::new("--fork", e))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--fork")
+        .chain([std::ffi::OsString::from("--notify-ready")])
+        .collect();
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| CliError::new("--fork", e))?;
+    let relay = child.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            let mut err = std::io::BufReader::new(err);
+            let mut line = String::new();
+            // Lines the child prints while starting; ends when the parent exits.
+            while matches!(err.read_line(&mut line), Ok(n) if n > 0) {
+                let _ = std::io::stderr().write_all(line.as_bytes());
+                line.clear();
+            }
+        })
+    });
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(0);
+    }
+    let status = child.wait().map_err(|e| CliError::new("--fork", e))?;
+    if let Some(relay) = relay {
+        let _ = relay.join();
+    }
+    Ok(status.code().unwrap_or(1))
+}
+
 fn unsupported(what: &str) -> CliError {
     CliError::plain(format!("{what} is not supported"))
 }
@@ -166,7 +215,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         return Err(unsupported("--snapshot"));
     }
     if args.fork {
-        return Err(unsupported("--fork"));
+        return fork();
     }
     if args.offset.as_deref().is_some_and(|o| o != "0") {
         return Err(unsupported("--offset"));
@@ -248,11 +297,16 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         )
     })?;
     if args.verbose {
-        server.on_event(|event| match event {
-            Event::Connected { peer } => eprintln!("qed: client {peer} connected"),
-            Event::Disconnected { peer, reason } => {
-                eprintln!("qed: client {peer} disconnected: {reason}")
-            }
+        // Not eprintln: after --fork nobody may be reading stderr, and a failed write must
+        // not panic.
+        server.on_event(|event| {
+            let line = match event {
+                Event::Connected { peer } => format!("qed: client {peer} connected\n"),
+                Event::Disconnected { peer, reason } => {
+                    format!("qed: client {peer} disconnected: {reason}\n")
+                }
+            };
+            let _ = std::io::stderr().write_all(line.as_bytes());
         });
     }
     let mut signals = Signals::new([SIGINT, SIGTERM])
@@ -268,6 +322,11 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         std::fs::write(pid_file, format!("{}\n", std::process::id())).map_err(|e| {
             CliError::new(pid_file.display().to_string(), crate::error::os_text(&e))
         })?;
+    }
+    if args.notify_ready {
+        let mut out = std::io::stdout();
+        // The parent of --fork reads this line, then exits; nothing else goes to stdout.
+        let _ = writeln!(out, "ready").and_then(|()| out.flush());
     }
     let served = server.run(image);
     signal_handle.close();

@@ -712,12 +712,66 @@ fn tls_is_required_and_works_with_qemu_and_libnbd() {
 }
 
 #[test]
+fn fork_returns_once_listening_and_the_server_goes_on() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    let socket = dir.path().join("fork.sock");
+    let pid_file = dir.path().join("fork.pid");
+    let o = qed(
+        dir.path(),
+        &[
+            "serve",
+            "--fork",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "-k",
+            socket.to_str().unwrap(),
+            "d.qed",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 5 0 64k",
+            "-c",
+            "read -P 5 0 64k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    // Without -t it leaves with its client.
+    wait_for(|| !Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!pid_file.exists());
+    assert_clean(dir.path(), "d.qed");
+    // A failure before listening is the parent's exit status.
+    let o = qed(
+        dir.path(),
+        &["serve", "--fork", "-k", "x.sock", "missing.qed"],
+    );
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("missing.qed"), "{}", stderr(&o));
+}
+
+#[test]
 fn unsupported_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "d.qed", "1M");
     for args in [
-        &["serve", "--fork", "d.qed"][..],
-        &["serve", "-s", "d.qed"],
+        &["serve", "-s", "d.qed"][..],
         &["serve", "--tls-hostname", "x", "d.qed"],
     ] {
         let o = qed(dir.path(), args);
