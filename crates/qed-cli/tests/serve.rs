@@ -767,12 +767,56 @@ fn fork_returns_once_listening_and_the_server_goes_on() {
 }
 
 #[test]
+fn snapshot_mode_keeps_the_image_unchanged() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "qed", "d.qed", "-c", "write -P 3 0 64k"],
+    );
+    let before = std::fs::read(dir.path().join("d.qed")).unwrap();
+    let mut served = Served::unix(dir.path(), &["-s"], "d.qed");
+    let pid = served.child.id();
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &served.uri,
+            "-c",
+            "read -P 3 0 64k",
+            "-c",
+            "write -P 9 0 4k",
+            "-c",
+            "read -P 9 0 4k",
+            "-c",
+            "read -P 3 4k 60k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(served.wait(), 0);
+    assert_eq!(std::fs::read(dir.path().join("d.qed")).unwrap(), before);
+    let prefix = format!("qed-snapshot-{pid}-");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "overlay left behind: {left:?}");
+}
+
+#[test]
 fn unsupported_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "d.qed", "1M");
     for args in [
-        &["serve", "-s", "d.qed"][..],
-        &["serve", "--tls-hostname", "x", "d.qed"],
+        &["serve", "--tls-hostname", "x", "d.qed"][..],
+        &["serve", "-o", "512", "d.qed"],
     ] {
         let o = qed(dir.path(), args);
         assert_eq!(code(&o), 1, "{args:?}");

@@ -2,7 +2,7 @@
 //! NBD server until the last client leaves (or SIGINT/SIGTERM), then flushes and closes the
 //! image, which marks it clean.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,6 +16,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::error::{open_failure, CliError, CliResult};
+
+mod fork;
+mod snapshot;
 use crate::format::ImageFormat;
 
 /// Connections served at once when `-e 0` asks for no limit.
@@ -74,7 +77,7 @@ pub struct ServeArgs {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
-    /// Snapshot mode (not supported).
+    /// Serve a temporary overlay on FILE: writes go there and are dropped at exit.
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
     /// Offset into the image (not supported).
@@ -151,51 +154,6 @@ impl Opened {
     }
 }
 
-/// `--fork`: runs the same command again without it, in the background, and returns once the
-/// child listens (it says so on its stdout) with exit status 0, or with the child's status if
-/// it failed first. Until then the child's stderr is passed on; afterwards the child holds
-/// neither of the parent's output streams, so `$(qed serve --fork ...)` returns. Safe Rust
-/// cannot fork; a new process does the same.
-fn fork() -> CliResult<i32> {
-    use std::process::{Command, Stdio};
-    let exe = std::env::current_exe().map_err(|e| CliError::new("--fork", e))?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--fork")
-        .chain([std::ffi::OsString::from("--notify-ready")])
-        .collect();
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| CliError::new("--fork", e))?;
-    let relay = child.stderr.take().map(|err| {
-        std::thread::spawn(move || {
-            let mut err = std::io::BufReader::new(err);
-            let mut line = String::new();
-            // Lines the child prints while starting; ends when the parent exits.
-            while matches!(err.read_line(&mut line), Ok(n) if n > 0) {
-                let _ = std::io::stderr().write_all(line.as_bytes());
-                line.clear();
-            }
-        })
-    });
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
-    if line.trim() == "ready" {
-        return Ok(0);
-    }
-    let status = child.wait().map_err(|e| CliError::new("--fork", e))?;
-    if let Some(relay) = relay {
-        let _ = relay.join();
-    }
-    Ok(status.code().unwrap_or(1))
-}
-
 fn unsupported(what: &str) -> CliError {
     CliError::plain(format!("{what} is not supported"))
 }
@@ -211,11 +169,8 @@ fn cache_mode(name: &str) -> CliResult<CacheMode> {
 
 /// Runs `qed serve`.
 pub fn run(args: &ServeArgs) -> CliResult<i32> {
-    if args.snapshot {
-        return Err(unsupported("--snapshot"));
-    }
     if args.fork {
-        return fork();
+        return fork::fork();
     }
     if args.offset.as_deref().is_some_and(|o| o != "0") {
         return Err(unsupported("--offset"));
@@ -240,6 +195,16 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         )
     })?;
     let cache = cache_mode(&args.cache)?;
+    // With -s the export is a temporary overlay on FILE, removed when the server stops.
+    let overlay = if args.snapshot {
+        Some(snapshot::Overlay::create(&args.file, format)?)
+    } else {
+        None
+    };
+    let (file, format) = match &overlay {
+        Some(o) => (o.path().to_path_buf(), ImageFormat::Qed),
+        None => (args.file.clone(), format),
+    };
     let opened = match format {
         ImageFormat::Qed => {
             let options = OpenOptions {
@@ -248,10 +213,10 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
                 backing: BackingPolicy::Follow,
                 ..OpenOptions::default()
             };
-            Image::open(&args.file, &options).map(|i| Opened::Qed(Arc::new(i)))
+            Image::open(&file, &options).map(|i| Opened::Qed(Arc::new(i)))
         }
         ImageFormat::Raw => {
-            RawExport::open(&args.file, !args.read_only, cache).map(|r| Opened::Raw(Arc::new(r)))
+            RawExport::open(&file, !args.read_only, cache).map(|r| Opened::Raw(Arc::new(r)))
         }
     };
     let opened = opened.map_err(|e| {
