@@ -445,6 +445,24 @@ fn nbdinfo_lists_and_maps_both_contexts() {
         ],
         "{depth}"
     );
+    // Reads of ranges the backing file holds return its data, not holes.
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            &format!("nbd+unix:///disk?socket={socket}"),
+            "-c",
+            "read -P 2 0 64k",
+            "-c",
+            "read -P 1 1M 1M",
+            "-c",
+            "read -P 0 2M 2M",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
     assert_eq!(served.terminate(), 0);
     assert_clean(dir.path(), "top.qed");
 }
