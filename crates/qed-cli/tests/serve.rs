@@ -829,15 +829,61 @@ fn snapshot_mode_keeps_the_image_unchanged() {
 }
 
 #[test]
+fn offset_exports_the_rest_of_the_image() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "raw", "d.raw", "4M"],
+    );
+    let mut served = Served::unix(dir.path(), &["-f", "raw", "-o", "1M"], "d.raw");
+    let info = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["info", "--output=json", "-f", "raw", &served.uri],
+    );
+    assert!(info.contains("\"virtual-size\": 3145728"), "{info}");
+    assert_eq!(served.wait(), 0);
+    let mut served = Served::unix(dir.path(), &["-f", "raw", "-o", "1M"], "d.raw");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", &served.uri, "-c", "write -P 0x61 0 4k"],
+    );
+    assert_eq!(served.wait(), 0);
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-r",
+            "d.raw",
+            "-c",
+            "read -P 0x61 1M 4k",
+            "-c",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let o = qed(
+        dir.path(),
+        &["serve", "-f", "raw", "-o", "5M", "-k", "x.sock", "d.raw"],
+    );
+    assert_eq!(code(&o), 1, "an offset past the end");
+}
+
+#[test]
 fn unsupported_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "d.qed", "1M");
-    for args in [
-        &["serve", "--tls-hostname", "x", "d.qed"][..],
-        &["serve", "-o", "512", "d.qed"],
-    ] {
-        let o = qed(dir.path(), args);
-        assert_eq!(code(&o), 1, "{args:?}");
-        assert!(stderr(&o).contains("not supported"), "{}", stderr(&o));
-    }
+    let o = qed(dir.path(), &["serve", "--tls-hostname", "x", "d.qed"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("not supported"), "{}", stderr(&o));
+    let o = qed(dir.path(), &["serve", "--tls-verify-peer", "d.qed"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("needs --tls-creds"), "{}", stderr(&o));
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use qed_image::{BackingPolicy, CacheMode, Image, OpenOptions};
-use qed_nbd::export::{Export, RawExport};
+use qed_nbd::export::{Export, RawExport, Window};
 use qed_nbd::proto::ExportConfig;
 use qed_nbd::server::{
     load_credentials, DetectZeroes, Discard, Endpoint, Event, Server, ServerConfig,
@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// Serve a temporary overlay on FILE: writes go there and are dropped at exit.
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
-    /// Offset into the image (not supported).
+    /// Export the image from this offset on (bytes, or with a k/M/G suffix).
     #[arg(short = 'o', long = "offset")]
     offset: Option<String>,
     /// Log connections on stderr.
@@ -172,9 +172,11 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     if args.fork {
         return fork::fork();
     }
-    if args.offset.as_deref().is_some_and(|o| o != "0") {
-        return Err(unsupported("--offset"));
-    }
+    let offset = match &args.offset {
+        Some(text) => crate::size::parse_size(text)
+            .map_err(|e| CliError::new(format!("Invalid offset '{text}'"), e))?,
+        None => 0,
+    };
     if args.tls_hostname.is_some() {
         return Err(unsupported("--tls-hostname (a client option)"));
     }
@@ -225,7 +227,13 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
             open_failure(&e),
         )
     })?;
-    let image = opened.export();
+    let image = if offset > 0 {
+        let window = Window::new(opened.export(), offset)
+            .map_err(|e| CliError::new(format!("Invalid offset {offset}"), e))?;
+        Arc::new(window) as Arc<dyn Export>
+    } else {
+        opened.export()
+    };
     let mut export = ExportConfig::new(args.export_name.clone(), image.size());
     export.description = args.description.clone();
     export.writable = !args.read_only;

@@ -3,10 +3,12 @@
 
 mod image;
 mod raw;
+mod window;
 
 use qed_image::{Result, ZeroFlags};
 
 pub use raw::RawExport;
+pub use window::Window;
 
 /// What a guest range is, as block status and reads need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
