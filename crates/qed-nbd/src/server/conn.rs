@@ -3,10 +3,12 @@
 
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
 use crate::export::Export;
+use crate::proto::consts::EIO;
 use crate::proto::{
     check, decode_request, failure, header_len, Action, Command, Handshake, Limits, Negotiated,
     ProtoError, ReplyTo, TlsMode,
@@ -267,7 +269,16 @@ fn requests(
         let session = Arc::clone(&session);
         let replies = replies.clone();
         pool.submit(move || {
-            let bytes = execute(&*image, &session, &request, payload);
+            // A panic in the engine must still answer the request (and give its budget back),
+            // or the connection would wait for it forever.
+            let bytes = panic::catch_unwind(AssertUnwindSafe(|| {
+                execute(&*image, &session, &request, payload)
+            }))
+            .unwrap_or_else(|_| {
+                let mut bytes = Vec::new();
+                failure(&mut bytes, to, EIO, "internal error");
+                bytes
+            });
             let _ = replies.send(Outgoing { bytes, cost });
         });
     }

@@ -51,7 +51,10 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             jobs.recv()
         };
         match job {
-            Ok(job) => job(),
+            // A panicking job must not take its worker with it.
+            Ok(job) => {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            }
             Err(_) => return,
         }
     }
@@ -71,6 +74,19 @@ impl Drop for Pool {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_panicking_job_leaves_its_worker_running() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new(1).unwrap();
+        pool.submit(|| panic!("job failure"));
+        let c = Arc::clone(&count);
+        pool.submit(move || {
+            c.fetch_add(1, Ordering::Relaxed);
+        });
+        drop(pool);
+        assert_eq!(count.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn runs_every_job_before_drop_returns() {
