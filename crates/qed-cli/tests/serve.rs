@@ -60,10 +60,15 @@ impl Served {
     }
 
     /// Sends SIGTERM and returns the exit code.
-    fn terminate(mut self) -> i32 {
+    fn terminate(self) -> i32 {
+        self.signal("-TERM")
+    }
+
+    /// Sends a signal (`-INT`, `-TERM`) and returns the exit code.
+    fn signal(mut self, signal: &str) -> i32 {
         let pid = self.child.id().to_string();
         let status = Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([signal, &pid])
             .status()
             .expect("run kill");
         assert!(status.success());
@@ -463,7 +468,11 @@ fn nbdinfo_lists_and_maps_both_contexts() {
         ],
     );
     assert!(!out.contains("failed"), "{out}");
-    assert_eq!(served.terminate(), 0);
+    assert_eq!(
+        served.signal("-INT"),
+        0,
+        "SIGINT stops the server as SIGTERM does"
+    );
     assert_clean(dir.path(), "top.qed");
 }
 
