@@ -20,10 +20,12 @@ mod json;
 mod map;
 mod options;
 mod progress;
+mod serve;
 mod size;
 mod text;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
@@ -60,6 +62,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Copy an image into a new or existing one, sparse-aware (as `qemu-img convert`).
     Convert(convert::ConvertArgs),
+    /// Serve an image over NBD (as `qemu-nbd`).
+    Serve(serve::ServeArgs),
 }
 
 fn run(cli: &Cli) -> Result<i32, CliError> {
@@ -71,6 +75,7 @@ fn run(cli: &Cli) -> Result<i32, CliError> {
         Command::Map(args) => map::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
@@ -140,7 +145,8 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("{}: {e}", crate::prog());
+            // A write error is ignored: stderr may be a pipe nobody reads (`serve --fork`).
+            let _ = writeln!(std::io::stderr(), "{}: {e}", crate::prog());
             ExitCode::FAILURE
         }
     }

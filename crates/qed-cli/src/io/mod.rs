@@ -251,7 +251,7 @@ pub fn run_command(target: &Target, con: &mut Console<'_>, line: &str) -> Outcom
         return Outcome::Failed;
     }
     if cmd.writes && !target.is_writable() {
-        con.err("qed: Block node is read-only\n");
+        con.err(&format!("{}: Block node is read-only\n", crate::prog()));
         return Outcome::Failed;
     }
     (cmd.handler)(target, con, args)

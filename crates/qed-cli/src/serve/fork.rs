@@ -1,0 +1,50 @@
+//! `qed serve --fork`.
+
+use std::io::{BufRead, Write};
+
+use crate::error::{CliError, CliResult};
+
+/// `--fork`: runs the same command again without it, in the background, and returns once the
+/// child listens (it says so on its stdout) with exit status 0, or with the child's status if
+/// it failed first. Until then the child's stderr is passed on; afterwards the child holds
+/// neither of the parent's output streams, so `$(qed serve --fork ...)` returns. Safe Rust
+/// cannot fork; a new process does the same.
+pub fn fork() -> CliResult<i32> {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| CliError::new("--fork", e))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--fork")
+        .chain([std::ffi::OsString::from("--notify-ready")])
+        .collect();
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| CliError::new("--fork", e))?;
+    let relay = child.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            let mut err = std::io::BufReader::new(err);
+            let mut line = String::new();
+            // Lines the child prints while starting; ends when the parent exits.
+            while matches!(err.read_line(&mut line), Ok(n) if n > 0) {
+                let _ = std::io::stderr().write_all(line.as_bytes());
+                line.clear();
+            }
+        })
+    });
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(0);
+    }
+    let status = child.wait().map_err(|e| CliError::new("--fork", e))?;
+    if let Some(relay) = relay {
+        let _ = relay.join();
+    }
+    Ok(status.code().unwrap_or(1))
+}

@@ -1,0 +1,898 @@
+//! `qed serve` driven by real NBD clients: qemu-io, qemu-img and libnbd's nbdinfo and nbdcopy,
+//! over Unix sockets and TCP. After the server exits the image must be clean by
+//! `qemu-img check` and hold what the clients wrote.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A running `qed serve`.
+struct Served {
+    child: Child,
+    uri: String,
+    pid_file: PathBuf,
+}
+
+impl Served {
+    /// Starts `qed serve ARGS... FILE` on a Unix socket in `dir` and waits until it listens.
+    fn unix(dir: &Path, args: &[&str], file: &str) -> Self {
+        let socket = dir.join(format!("nbd-{}.sock", std::process::id()));
+        let socket_text = socket.to_str().expect("utf-8 path").to_string();
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        Self::start(dir, &["-k", &socket_text], args, file, uri)
+    }
+
+    /// Starts `qed serve -p PORT ARGS... FILE` on a free TCP port of 127.0.0.1.
+    fn tcp(dir: &Path, args: &[&str], file: &str) -> Self {
+        let port = free_port().to_string();
+        let uri = format!("nbd://127.0.0.1:{port}");
+        Self::start(dir, &["-b", "127.0.0.1", "-p", &port], args, file, uri)
+    }
+
+    /// Starts the server with `--pid-file` and waits for the file: it is written once the
+    /// socket listens (a probe connection would count as a client).
+    fn start(dir: &Path, endpoint: &[&str], args: &[&str], file: &str, uri: String) -> Self {
+        let pid_file = dir.join("qed-serve.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let pid_text = pid_file.to_str().expect("utf-8 path").to_string();
+        let mut all = vec!["serve", "--pid-file", pid_text.as_str()];
+        all.extend_from_slice(endpoint);
+        all.extend_from_slice(args);
+        all.push(file);
+        let child = spawn(dir, &all);
+        wait_for(|| std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with('\n')));
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(pid, child.id());
+        Self {
+            child,
+            uri,
+            pid_file,
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    fn terminate(self) -> i32 {
+        self.signal("-TERM")
+    }
+
+    /// Sends a signal (`-INT`, `-TERM`) and returns the exit code.
+    fn signal(mut self, signal: &str) -> i32 {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        self.wait()
+    }
+
+    /// Waits (bounded) for the server to exit by itself; returns its exit code.
+    fn wait(&mut self) -> i32 {
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(!self.pid_file.exists(), "the pid file is removed at exit");
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("qed serve did not exit within 10 s");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(qed_path())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start qed serve")
+}
+
+/// Polls `ready` for up to 10 s.
+fn wait_for(mut ready: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("qed serve did not start listening within 10 s");
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind port 0")
+        .port()
+}
+
+fn create(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let o = qed(dir, &["create", "-f", "qed", name, size]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    dir.join(name)
+}
+
+fn run_ok(dir: &Path, program: &str, args: &[&str]) -> String {
+    let o = run_in(dir, program, args);
+    assert!(
+        o.status.success(),
+        "{program} {args:?} failed: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// `qemu-img check` exits 0 and `qemu-img info` shows no dirty flag.
+fn assert_clean(dir: &Path, file: &str) {
+    let o = run_in(dir, "qemu-img", &["check", "-f", "qed", file]);
+    assert_eq!(code(&o), 0, "qemu-img check: {}{}", stdout(&o), stderr(&o));
+    let info = run_ok(
+        dir,
+        "qemu-img",
+        &["info", "--output=json", "-f", "qed", file],
+    );
+    assert!(
+        !info.contains("\"dirty-flag\": true"),
+        "image left dirty: {info}"
+    );
+}
+
+#[test]
+fn qemu_io_writes_reads_and_the_image_is_clean_after() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "64M");
+    // A socket left behind by a server that died is replaced.
+    let stale = dir.path().join(format!("nbd-{}.sock", std::process::id()));
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let mut served = Served::unix(dir.path(), &[], "d.qed");
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &served.uri,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 3M 5000",
+            "-c",
+            "write -z 4M 128k",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "read -P 0xcd 3M 5000",
+            "-c",
+            "read -P 0 1M 2M",
+            "-c",
+            "read -P 0 4M 128k",
+            "-c",
+            "flush",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    // Without -t the server leaves with its last client.
+    assert_eq!(served.wait(), 0);
+    assert_clean(dir.path(), "d.qed");
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "qed",
+            "-r",
+            "d.qed",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "read -P 0xcd 3M 5000",
+            "-c",
+            "read -P 0 4M 128k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+}
+
+#[test]
+fn qemu_img_convert_and_compare_over_tcp_then_sigterm() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "16M");
+    // A source with data, a hole and more data.
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "raw", "src.raw", "16M"],
+    );
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "src.raw",
+            "-c",
+            "write -P 0x11 0 2M",
+            "-c",
+            "write -P 0x22 9M 1M",
+            "-c",
+            "write -P 0x33 15M 12345",
+        ],
+    );
+    let served = Served::tcp(dir.path(), &["-t", "-e", "2"], "d.qed");
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "src.raw",
+            &served.uri,
+        ],
+    );
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "src.raw", &served.uri],
+    );
+    assert_eq!(served.terminate(), 0);
+    assert_clean(dir.path(), "d.qed");
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qed", "src.raw", "d.qed"],
+    );
+}
+
+/// (start, length, data, zero) runs of `qemu-img map --output=json`, adjacent equal ones
+/// merged.
+fn map_runs(json: &str) -> Vec<(u64, u64, bool, bool)> {
+    let entries: Vec<serde_json::Value> = serde_json::from_str(json).expect("map json");
+    let mut runs: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for e in entries {
+        let start = e["start"].as_u64().unwrap();
+        let length = e["length"].as_u64().unwrap();
+        let data = e["data"].as_bool().unwrap();
+        let zero = e["zero"].as_bool().unwrap();
+        match runs.last_mut() {
+            Some(last) if last.2 == data && last.3 == zero && last.0 + last.1 == start => {
+                last.1 += length
+            }
+            _ => runs.push((start, length, data, zero)),
+        }
+    }
+    runs
+}
+
+#[test]
+fn qemu_img_map_over_nbd_agrees_with_the_file() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "8M");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "qed",
+            "d.qed",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "write -z 1M 64k",
+            "-c",
+            "write -P 2 2M 128k",
+        ],
+    );
+    let file_map = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["map", "--output=json", "-f", "qed", "d.qed"],
+    );
+    let mut served = Served::unix(dir.path(), &["-r"], "d.qed");
+    let nbd_map = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &served.uri],
+    );
+    assert_eq!(served.wait(), 0);
+    assert_eq!(map_runs(&nbd_map), map_runs(&file_map));
+    assert_clean(dir.path(), "d.qed");
+}
+
+#[test]
+fn read_only_export_serves_reads_and_leaves_the_file_alone() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "qed", "d.qed", "-c", "write -P 7 0 64k"],
+    );
+    let before = std::fs::read(dir.path().join("d.qed")).unwrap();
+    let served = Served::unix(dir.path(), &["-r", "-t"], "d.qed");
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-r", "-f", "raw", &served.uri, "-c", "read -P 7 0 64k"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    // A writable open of a read-only export fails or its writes fail; either way nothing
+    // reaches the file.
+    let o = run_in(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", &served.uri, "-c", "write -P 9 0 4k"],
+    );
+    assert!(
+        !o.status.success() || stdout(&o).contains("failed") || stderr(&o).contains("failed"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let code = served.terminate_or_wait();
+    assert_eq!(code, 0);
+    assert_eq!(std::fs::read(dir.path().join("d.qed")).unwrap(), before);
+}
+
+impl Served {
+    fn terminate_or_wait(mut self) -> i32 {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.code().unwrap_or(-1);
+        }
+        self.terminate()
+    }
+}
+
+#[test]
+fn nbdinfo_lists_and_maps_both_contexts() {
+    if !have_qemu() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "base.qed", "4M");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "qed", "base.qed", "-c", "write -P 1 1M 1M"],
+    );
+    let o = qed(
+        dir.path(),
+        &[
+            "create", "-f", "qed", "-b", "base.qed", "-F", "qed", "top.qed",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "qed", "top.qed", "-c", "write -P 2 0 64k"],
+    );
+    let served = Served::unix(
+        dir.path(),
+        &["-t", "-A", "-e", "4", "-x", "disk", "-D", "the test disk"],
+        "top.qed",
+    );
+    let socket = served.uri.split("socket=").nth(1).unwrap().to_string();
+    let list = run_ok(
+        dir.path(),
+        "nbdinfo",
+        &["--list", &format!("nbd+unix:///?socket={socket}")],
+    );
+    assert!(list.contains("export=\"disk\""), "{list}");
+    assert!(list.contains("the test disk"), "{list}");
+    assert!(list.contains("qemu:allocation-depth"), "{list}");
+    let uri = format!("nbd+unix:///disk?socket={socket}");
+    let map = run_ok(dir.path(), "nbdinfo", &["--map", "--totals", &uri]);
+    assert!(!map.is_empty());
+    let base = run_ok(dir.path(), "nbdinfo", &["--map", &uri]);
+    let lines: Vec<Vec<String>> = base
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    // 0-64k data on top, 1M-2M data from the backing file, the rest zeros.
+    assert_eq!(lines[0][..3], ["0", "65536", "0"]);
+    let depth = run_ok(
+        dir.path(),
+        "nbdinfo",
+        &["--map=qemu:allocation-depth", &uri],
+    );
+    let depths: Vec<(String, String, String)> = depth
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].into(), f[1].into(), f[2].into())
+        })
+        .collect();
+    assert_eq!(
+        depths,
+        vec![
+            ("0".into(), "65536".into(), "1".into()),
+            ("65536".into(), "983040".into(), "0".into()),
+            ("1048576".into(), "1048576".into(), "2".into()),
+            ("2097152".into(), "2097152".into(), "0".into()),
+        ],
+        "{depth}"
+    );
+    // Reads of ranges the backing file holds return its data, not holes.
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            &format!("nbd+unix:///disk?socket={socket}"),
+            "-c",
+            "read -P 2 0 64k",
+            "-c",
+            "read -P 1 1M 1M",
+            "-c",
+            "read -P 0 2M 2M",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(
+        served.signal("-INT"),
+        0,
+        "SIGINT stops the server as SIGTERM does"
+    );
+    assert_clean(dir.path(), "top.qed");
+}
+
+#[test]
+fn nbdcopy_over_several_connections() {
+    if !have_qemu() || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "32M");
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "raw", "src.raw", "32M"],
+    );
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "src.raw",
+            "-c",
+            "write -P 0x5a 0 8M",
+            "-c",
+            "write -P 0xa5 20M 4M",
+        ],
+    );
+    // Writethrough: every write is flushed before its reply.
+    let served = Served::unix(
+        dir.path(),
+        &["-t", "-e", "4", "--cache", "writethrough"],
+        "d.qed",
+    );
+    run_ok(
+        dir.path(),
+        "nbdcopy",
+        &["--connections=4", "--flush", "src.raw", &served.uri],
+    );
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "src.raw", &served.uri],
+    );
+    assert_eq!(served.terminate(), 0);
+    assert_clean(dir.path(), "d.qed");
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qed", "src.raw", "d.qed"],
+    );
+}
+
+#[test]
+fn raw_files_are_served_too() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "raw", "d.raw", "4M"],
+    );
+    let mut served = Served::unix(dir.path(), &["-f", "raw"], "d.raw");
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &served.uri,
+            "-c",
+            "write -P 0x42 1M 64k",
+            "-c",
+            "read -P 0x42 1M 64k",
+            "-c",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(served.wait(), 0);
+    let mut served = Served::unix(dir.path(), &["-r"], "d.raw");
+    let map = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &served.uri],
+    );
+    assert_eq!(served.wait(), 0);
+    let runs = map_runs(&map);
+    assert!(
+        runs.contains(&(1 << 20, 65536, true, false)),
+        "the written range is data: {map}"
+    );
+    assert!(
+        runs.iter().any(|r| !r.2 && r.3),
+        "holes read as zeros: {map}"
+    );
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", "-r", "d.raw", "-c", "read -P 0x42 1M 64k"],
+    );
+}
+
+/// Whether openssl runs (a note, or a failure under CI=true, when it does not).
+fn have_openssl() -> bool {
+    let found = Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("openssl is required when CI=true");
+        }
+        eprintln!("note: openssl not found; skipping the TLS test");
+    }
+    found
+}
+
+/// A CA, a server certificate for localhost and 127.0.0.1 in `srv/` and a client certificate
+/// in `cli/` (both with the CA's certificate), and `nocert/` with the CA's certificate only.
+fn make_certificates(dir: &Path) {
+    for d in ["srv", "cli", "nocert"] {
+        std::fs::create_dir(dir.join(d)).unwrap();
+    }
+    let openssl = |args: &[&str]| run_ok(dir, "openssl", args);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=qed test CA",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (who, key, cert, ext) in [
+        (
+            "localhost",
+            "srv/server-key.pem",
+            "srv/server-cert.pem",
+            "server.ext",
+        ),
+        (
+            "qed client",
+            "cli/client-key.pem",
+            "cli/client-cert.pem",
+            "client.ext",
+        ),
+    ] {
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            "req.csr",
+            "-subj",
+            &format!("/CN={who}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ]);
+    }
+    for d in ["srv", "cli", "nocert"] {
+        std::fs::copy(dir.join("ca-cert.pem"), dir.join(d).join("ca-cert.pem")).unwrap();
+    }
+}
+
+/// qemu-io on the TLS export at `port` with the client credentials in `creds`.
+fn qemu_io_tls(dir: &Path, creds: &str, port: u16, commands: &[&str]) -> std::process::Output {
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        dir.join(creds).display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0"
+    );
+    let mut args = vec!["--object", object.as_str(), "--image-opts", image.as_str()];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    run_in(dir, "qemu-io", &args)
+}
+
+#[test]
+fn tls_is_required_and_works_with_qemu_and_libnbd() {
+    if !have_qemu() || !have_openssl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    create(dir.path(), "d.qed", "8M");
+    let served = Served::tcp(
+        dir.path(),
+        &["-t", "--tls-creds", "srv", "--tls-verify-peer"],
+        "d.qed",
+    );
+    let port: u16 = served.uri.rsplit(':').next().unwrap().parse().unwrap();
+    let o = qemu_io_tls(
+        dir.path(),
+        "cli",
+        port,
+        &["write -P 0x77 0 1M", "read -P 0x77 0 1M", "read -P 0 1M 1M"],
+    );
+    assert!(
+        o.status.success() && !stdout(&o).contains("failed"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // Without TLS, and with TLS but no client certificate: refused.
+    let o = run_in(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", &served.uri, "-c", "read 0 4k"],
+    );
+    assert!(
+        stderr(&o).contains("TLS is required"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let o = qemu_io_tls(dir.path(), "nocert", port, &["read 0 4k"]);
+    assert!(!o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    if have("nbdinfo") {
+        let uri = format!(
+            "nbds://127.0.0.1:{port}/?tls-certificates={}",
+            dir.path().join("cli").display()
+        );
+        let info = run_ok(dir.path(), "nbdinfo", &[&uri]);
+        assert!(info.contains("with TLS"), "{info}");
+    }
+    assert_eq!(served.terminate(), 0);
+    assert_clean(dir.path(), "d.qed");
+}
+
+#[test]
+fn fork_returns_once_listening_and_the_server_goes_on() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    let socket = dir.path().join("fork.sock");
+    let pid_file = dir.path().join("fork.pid");
+    let o = qed(
+        dir.path(),
+        &[
+            "serve",
+            "--fork",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "-k",
+            socket.to_str().unwrap(),
+            "d.qed",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 5 0 64k",
+            "-c",
+            "read -P 5 0 64k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    // Without -t it leaves with its client.
+    wait_for(|| !Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!pid_file.exists());
+    assert_clean(dir.path(), "d.qed");
+    // A failure before listening is the parent's exit status.
+    let o = qed(
+        dir.path(),
+        &["serve", "--fork", "-k", "x.sock", "missing.qed"],
+    );
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("missing.qed"), "{}", stderr(&o));
+}
+
+#[test]
+fn snapshot_mode_keeps_the_image_unchanged() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "qed", "d.qed", "-c", "write -P 3 0 64k"],
+    );
+    let before = std::fs::read(dir.path().join("d.qed")).unwrap();
+    let mut served = Served::unix(dir.path(), &["-s"], "d.qed");
+    let pid = served.child.id();
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &served.uri,
+            "-c",
+            "read -P 3 0 64k",
+            "-c",
+            "write -P 9 0 4k",
+            "-c",
+            "read -P 9 0 4k",
+            "-c",
+            "read -P 3 4k 60k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(served.wait(), 0);
+    assert_eq!(std::fs::read(dir.path().join("d.qed")).unwrap(), before);
+    let prefix = format!("qed-snapshot-{pid}-");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "overlay left behind: {left:?}");
+}
+
+#[test]
+fn offset_exports_the_rest_of_the_image() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        dir.path(),
+        "qemu-img",
+        &["create", "-f", "raw", "d.raw", "4M"],
+    );
+    let mut served = Served::unix(dir.path(), &["-f", "raw", "-o", "1M"], "d.raw");
+    let info = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["info", "--output=json", "-f", "raw", &served.uri],
+    );
+    assert!(info.contains("\"virtual-size\": 3145728"), "{info}");
+    assert_eq!(served.wait(), 0);
+    let mut served = Served::unix(dir.path(), &["-f", "raw", "-o", "1M"], "d.raw");
+    run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", &served.uri, "-c", "write -P 0x61 0 4k"],
+    );
+    assert_eq!(served.wait(), 0);
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-r",
+            "d.raw",
+            "-c",
+            "read -P 0x61 1M 4k",
+            "-c",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let o = qed(
+        dir.path(),
+        &["serve", "-f", "raw", "-o", "5M", "-k", "x.sock", "d.raw"],
+    );
+    assert_eq!(code(&o), 1, "an offset past the end");
+}
+
+#[test]
+fn unsupported_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "1M");
+    let o = qed(dir.path(), &["serve", "--tls-hostname", "x", "d.qed"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("not supported"), "{}", stderr(&o));
+    let o = qed(dir.path(), &["serve", "--tls-verify-peer", "d.qed"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("needs --tls-creds"), "{}", stderr(&o));
+}
