@@ -13,7 +13,7 @@ use crate::{Error, Result, TableKind};
 impl Shared {
     /// The L2 table for L1 entry `l1_index`, for reading, if it has one.
     pub(crate) fn l2_table(&self, l1_index: usize) -> Result<Option<TableRef>> {
-        match self.tables.l2_offset(l1_index, self.alloc.end())? {
+        match self.tables.l2_offset(l1_index, || self.alloc.end())? {
             None => Ok(None),
             Some(offset) => self.tables.get(&*self.storage, l1_index, offset).map(Some),
         }
@@ -21,7 +21,7 @@ impl Shared {
 
     /// The L2 table for L1 entry `l1_index`, held so that it stays in memory.
     pub(crate) fn l2_table_owned(&self, l1_index: usize) -> Result<Option<Arc<L2Table>>> {
-        match self.tables.l2_offset(l1_index, self.alloc.end())? {
+        match self.tables.l2_offset(l1_index, || self.alloc.end())? {
             None => Ok(None),
             Some(offset) => self
                 .tables

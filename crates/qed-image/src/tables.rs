@@ -114,9 +114,10 @@ impl Tables {
         }
     }
 
-    /// The L1 entry at `index`, decoded and checked against a file whose allocated area ends
-    /// at `end`.
-    pub(crate) fn l2_offset(&self, index: usize, end: u64) -> Result<Option<u64>> {
+    /// The L1 entry at `index`, decoded and checked against the allocated area as `end` tells
+    /// it. `end` is asked after the entry is read: a table allocated (and published) after an
+    /// earlier look at the end would otherwise seem to lie outside the file.
+    pub(crate) fn l2_offset(&self, index: usize, end: impl FnOnce() -> u64) -> Result<Option<u64>> {
         let raw = self.l1.get(index);
         let corrupt = |reason| Error::Corrupt {
             table: TableKind::L1,
@@ -129,7 +130,7 @@ impl Tables {
             Ok(L1Entry::Unallocated) => Ok(None),
             Ok(L1Entry::Table(off)) => {
                 self.valid
-                    .check_l2_offset(end, off)
+                    .check_l2_offset(end(), off)
                     .map_err(|_| corrupt("points outside the file or into the header"))?;
                 Ok(Some(off))
             }
