@@ -142,7 +142,7 @@ impl Shared {
         let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         report.total_clusters = size.div_ceil(cs);
         let end = self.alloc.end();
-        let mut scan = self.scan(&mut report, false, end)?;
+        let mut scan = self.scan(&mut report, None, end)?;
         if fix && (report.corruptions > 0 || scan.past_end > 0) {
             let limit = end.saturating_add(end.max(MIN_REPAIR_GROWTH));
             if end.saturating_add(scan.copy_bytes) > limit {
@@ -153,16 +153,14 @@ impl Shared {
                     limit,
                 });
             }
-            self.repair_limit
-                .store(limit, std::sync::atomic::Ordering::Release);
             let mut fixing = CheckReport::default();
-            self.scan(&mut fixing, true, end)?;
+            self.scan(&mut fixing, Some(limit), end)?;
             report.corruptions_fixed = fixing.corruptions_fixed;
             report.corruptions = fixing.corruptions;
             report.check_errors = report.check_errors.max(fixing.check_errors);
             // Look again so leaks are counted on the repaired image.
             self.write_back()?;
-            scan = self.scan(&mut CheckReport::default(), false, self.alloc.end())?;
+            scan = self.scan(&mut CheckReport::default(), None, self.alloc.end())?;
         }
         let first = self.valid.header_bytes() / cs;
         let file_clusters = self.alloc.end() / cs;
@@ -178,10 +176,12 @@ impl Shared {
         Ok(report)
     }
 
-    /// One pass over every table. With `fix`, invalid entries are cleared, shared tables
-    /// relocated and doubly referenced clusters copied; `end` is the allocated area when the
-    /// check began (copies made by the repair lie past it).
-    fn scan(&self, report: &mut CheckReport, fix: bool, end: u64) -> Result<Scan> {
+    /// One pass over every table. With a `limit` (a repair), invalid entries are cleared,
+    /// shared tables relocated and doubly referenced clusters copied, the copies stopping
+    /// before the file passes `limit`; `end` is the allocated area when the check began (copies
+    /// made by the repair lie past it).
+    fn scan(&self, report: &mut CheckReport, limit: Option<u64>, end: u64) -> Result<Scan> {
+        let fix = limit.is_some();
         let g = self.geometry;
         let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         let cs = g.cluster_size();
@@ -240,7 +240,7 @@ impl Shared {
                     report.corruptions += taken;
                     continue;
                 }
-                match self.relocate_table(offset, l1_index) {
+                match self.relocate_table(offset, l1_index, limit.unwrap_or(0)) {
                     Ok(table) => {
                         report.corruptions_fixed += taken;
                         table
@@ -267,7 +267,7 @@ impl Shared {
                 }
             };
             scan.tables.push((l1_index, table.offset));
-            self.scan_table(&table, l1_index, &mut scan, report, fix, end)?;
+            self.scan_table(&table, l1_index, &mut scan, report, limit, end)?;
             drop(table);
             if fix {
                 // Changes held in memory stay within the cache budget.
@@ -283,9 +283,10 @@ impl Shared {
         l1_index: usize,
         scan: &mut Scan,
         report: &mut CheckReport,
-        fix: bool,
+        limit: Option<u64>,
         end: u64,
     ) -> Result<()> {
+        let fix = limit.is_some();
         let g = self.geometry;
         let cs = g.cluster_size();
         let size = self.size.load(std::sync::atomic::Ordering::Acquire);
@@ -357,7 +358,7 @@ impl Shared {
                 table.set(index, 0);
             } else {
                 // Give this reference its own copy of the data.
-                let copy = self.copy_cluster(raw)?;
+                let copy = self.copy_cluster(raw, limit.unwrap_or(0))?;
                 table.set(index, copy);
             }
             report.corruptions_fixed += 1;
@@ -382,10 +383,9 @@ impl Shared {
             .count() as u64)
     }
 
-    /// Refuses a repair copy of `bytes` that would take the file past what the counting
-    /// pass allowed (a safety net: the count is made to include every copy).
-    fn reserve_copy(&self, bytes: u64) -> Result<()> {
-        let limit = self.repair_limit.load(std::sync::atomic::Ordering::Acquire);
+    /// Refuses a repair copy of `bytes` that would take the file past `limit` (a safety net:
+    /// the counting pass includes every copy).
+    fn reserve_copy(&self, bytes: u64, limit: u64) -> Result<()> {
         let end = self.alloc.end().saturating_add(bytes);
         if end > limit {
             return Err(Error::TooLarge {
@@ -398,9 +398,9 @@ impl Shared {
     }
 
     /// Copies the data cluster at host `from` to a new cluster; returns its offset.
-    fn copy_cluster(&self, from: u64) -> Result<u64> {
+    fn copy_cluster(&self, from: u64, limit: u64) -> Result<u64> {
         let cs = self.geometry.cluster_size();
-        self.reserve_copy(cs)?;
+        self.reserve_copy(cs, limit)?;
         let in_flight = self.alloc.begin();
         let copy = self.allocate(&in_flight, 1)?;
         let mut buf = vec![0u8; cs as usize];
@@ -418,6 +418,7 @@ impl Shared {
         &self,
         offset: u64,
         l1_index: usize,
+        limit: u64,
     ) -> Result<std::sync::Arc<crate::table::L2Table>> {
         let g = self.geometry;
         let from_disk = Entries::load(
@@ -428,7 +429,7 @@ impl Shared {
         )?;
         let entries = Entries::unwritten_copy(&from_disk)?;
         drop(from_disk);
-        self.reserve_copy(g.table_bytes())?;
+        self.reserve_copy(g.table_bytes(), limit)?;
         let in_flight = self.alloc.begin();
         let new_offset = self.allocate(&in_flight, u64::from(g.table_size()))?;
         Ok(self.tables.relocate(l1_index, entries, new_offset))

@@ -5,7 +5,9 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use qed_format::{new_image_layout, CreateParams, Geometry, Header, HEADER_LEN, MAGIC};
 
@@ -249,11 +251,10 @@ impl Image {
             health: Health::default(),
             activity: Activity::new(),
             gate: IoGate::default(),
-            backing: RwLock::new(backing.map(Arc::new)),
+            backing: ArcSwapOption::new(backing.map(Arc::new)),
             storage,
             path,
             label,
-            repair_limit: AtomicU64::new(0),
         });
         let mut image = Self {
             shared,

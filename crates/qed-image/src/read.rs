@@ -25,7 +25,7 @@ impl Shared {
 
     /// Reads guest bytes that this image does not hold.
     pub(crate) fn read_unallocated(&self, buf: &mut [u8], pos: u64) -> Result<()> {
-        match self.backing() {
+        match self.backing.load().as_deref() {
             Some(backing) => backing.read_at(buf, pos),
             None => {
                 buf.fill(0);

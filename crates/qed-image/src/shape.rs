@@ -230,7 +230,7 @@ impl Shared {
             .backing_name
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = name;
-        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = layer.map(Arc::new);
+        self.backing.store(layer.map(Arc::new));
         Ok(())
     }
 }

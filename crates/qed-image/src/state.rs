@@ -14,7 +14,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
 use std::time::Instant;
 
 use qed_format::{Geometry, Header, ValidHeader};
@@ -155,30 +157,22 @@ pub(crate) struct Shared {
     pub(crate) health: Health,
     pub(crate) activity: Activity,
     pub(crate) gate: IoGate,
-    /// The backing layer; replaced only under the exclusive gate.
-    pub(crate) backing: RwLock<Option<Arc<BackingLayer>>>,
+    /// The backing layer; replaced only under the exclusive gate. Read without a lock or a
+    /// reference count on the I/O paths.
+    pub(crate) backing: ArcSwapOption<BackingLayer>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) label: String,
-    /// Where the copies of the repair running now must stop (set by check.rs).
-    pub(crate) repair_limit: AtomicU64,
 }
 
 impl Shared {
     /// The backing layer, if one is open.
     pub(crate) fn backing(&self) -> Option<Arc<BackingLayer>> {
-        self.backing
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.backing.load_full()
     }
 
     /// Size of the backing layer (0 without one).
     pub(crate) fn backing_size(&self) -> u64 {
-        self.backing
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0, |b| b.size())
+        self.backing.load().as_ref().map_or(0, |b| b.size())
     }
 
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {

@@ -51,7 +51,7 @@ pub trait Storage: Send + Sync {
     /// Gives the space of `[offset, offset + len)` back, leaving zeros there. The length of the
     /// storage does not change. Storages that cannot do this write zeros instead.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        write_zeros_in_chunks(self, offset, len)
+        write_zero_bytes(self, offset, len)
     }
 
     /// Makes `[offset, offset + len)` read as zeros, keeping (or making) the space allocated
@@ -61,7 +61,7 @@ pub trait Storage: Send + Sync {
     ///
     /// The default writes zeros through `write_at`.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        write_zeros_in_chunks(self, offset, len)
+        write_zero_bytes(self, offset, len)
     }
 
     /// The first offset at or after `offset` that holds data, or `None` when nothing from
@@ -103,27 +103,19 @@ pub trait Storage: Send + Sync {
     }
 }
 
-/// Writes `len` zeros at `offset` through `write_at`, refusing a range past `u64::MAX`.
-fn write_zeros_in_chunks<S: Storage + ?Sized>(
-    storage: &S,
-    offset: u64,
-    len: u64,
-) -> io::Result<()> {
+/// A block of zeros to write from, so writing zeros allocates nothing.
+pub(crate) static ZERO_BLOCK: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Writes `len` zero bytes at `offset` through `write_at`, from a static block of zeros (no
+/// allocation), as data: the range ends up allocated on the host. A range past `u64::MAX` is
+/// refused.
+pub fn write_zero_bytes<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
     if offset.checked_add(len).is_none() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "range past the end of the address space",
         ));
     }
-    write_zero_bytes(storage, offset, len)
-}
-
-/// A block of zeros to write from, so writing zeros allocates nothing.
-pub(crate) static ZERO_BLOCK: [u8; 64 * 1024] = [0; 64 * 1024];
-
-/// Writes `len` zero bytes at `offset` through `write_at`, from a static block of zeros (no
-/// allocation), as data: the range ends up allocated on the host.
-pub fn write_zero_bytes<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZERO_BLOCK.len() as u64);
