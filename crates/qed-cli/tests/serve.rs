@@ -891,8 +891,145 @@ fn unsupported_options_are_refused() {
     create(dir.path(), "d.qed", "1M");
     let o = qed(dir.path(), &["serve", "--tls-hostname", "x", "d.qed"]);
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("not supported"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--tls-hostname is not permitted without --tls-creds"),
+        "{}",
+        stderr(&o)
+    );
     let o = qed(dir.path(), &["serve", "--tls-verify-peer", "d.qed"]);
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("needs --tls-creds"), "{}", stderr(&o));
+}
+
+/// A launcher that does what a service manager does for socket activation: binds the socket,
+/// then runs the program with it as descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID` its own pid.
+/// Prints the TCP port (or "ready" for a Unix socket) once the socket listens.
+const ACTIVATE: &str = r#"
+import os, socket, sys
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "unix":
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(where)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+s.listen(8)
+print(s.getsockname()[1] if kind == "tcp" else "ready", flush=True)
+pid = os.fork()
+if pid == 0:
+    if s.fileno() != 3:
+        os.dup2(s.fileno(), 3)
+    os.set_inheritable(3, True)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.execv(sys.argv[3], sys.argv[3:])
+s.close()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+/// Runs `qed serve ARGS` under the launcher; returns it and the first line it printed.
+fn activated(dir: &Path, kind: &str, socket: &str, args: &[&str]) -> (Child, String) {
+    use std::io::BufRead;
+    let script = dir.join("activate.py");
+    std::fs::write(&script, ACTIVATE).unwrap();
+    let qed = qed_path();
+    let mut all = vec![
+        script.to_str().unwrap(),
+        kind,
+        socket,
+        qed.to_str().unwrap(),
+        "serve",
+    ];
+    all.extend_from_slice(args);
+    let mut child = Command::new("python3")
+        .args(&all)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_string())
+}
+
+#[test]
+fn socket_activation_serves_the_passed_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    let socket = dir.path().join("passed.sock");
+    let (mut child, line) = activated(
+        dir.path(),
+        "unix",
+        socket.to_str().unwrap(),
+        &["-f", "qed", "d.qed"],
+    );
+    assert_eq!(line, "ready");
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "read -P 0x5a 0 64k",
+            &uri,
+        ],
+    );
+    assert!(!out.contains("fail"), "{out}");
+    // Not persistent: the server exits after its one client, and leaves the socket it was
+    // given where it was.
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        socket.exists(),
+        "a passed socket belongs to whoever made it"
+    );
+    assert_clean(dir.path(), "d.qed");
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "qed", "-c", "read -P 0x5a 0 64k", "d.qed"],
+    );
+    assert!(!out.contains("fail"), "{out}");
+}
+
+#[test]
+fn socket_activation_serves_a_passed_tcp_socket_and_refuses_an_address() {
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    let (mut child, port) = activated(dir.path(), "tcp", "-", &["-f", "qed", "d.qed"]);
+    let info = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["info", "--output=json", &format!("nbd://127.0.0.1:{port}")],
+    );
+    assert!(info.contains("\"virtual-size\": 4194304"), "{info}");
+    assert!(child.wait().unwrap().success());
+    for (option, message) in [
+        (
+            ["-p", "10809"],
+            "TCP port number can't be set when using socket activation",
+        ),
+        (
+            ["-b", "::1"],
+            "The interface can't be set when using socket activation",
+        ),
+        (
+            ["-k", "x.sock"],
+            "Unix socket can't be set when using socket activation",
+        ),
+    ] {
+        let (child, _) = activated(dir.path(), "tcp", "-", &[option[0], option[1], "d.qed"]);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{option:?}");
+        assert!(stderr(&o).contains(message), "{option:?}: {}", stderr(&o));
+    }
 }

@@ -17,9 +17,15 @@ use signal_hook::iterator::Signals;
 
 use crate::error::{open_failure, CliError, CliResult};
 
+mod activation;
 mod fork;
 mod snapshot;
 use crate::format::ImageFormat;
+
+/// Address listened on without `-b`.
+const DEFAULT_BIND: &str = "127.0.0.1";
+/// NBD's registered port, listened on without `-p`.
+const DEFAULT_PORT: u16 = 10809;
 
 /// Connections served at once when `-e 0` asks for no limit.
 const MAX_SHARED: usize = 256;
@@ -50,12 +56,12 @@ pub struct ServeArgs {
     /// Image format: qed or raw (probed when not given).
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<ImageFormat>,
-    /// Address to listen on.
-    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
-    bind: String,
-    /// TCP port to listen on.
-    #[arg(short = 'p', long = "port", default_value_t = 10809)]
-    port: u16,
+    /// Address to listen on (default 127.0.0.1).
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    /// TCP port to listen on (default 10809).
+    #[arg(short = 'p', long = "port")]
+    port: Option<u16>,
     /// Listen on this Unix socket instead of TCP.
     #[arg(short = 'k', long = "socket")]
     socket: Option<PathBuf>,
@@ -154,10 +160,6 @@ impl Opened {
     }
 }
 
-fn unsupported(what: &str) -> CliError {
-    CliError::plain(format!("{what} is not supported"))
-}
-
 fn cache_mode(name: &str) -> CliResult<CacheMode> {
     match name {
         "writeback" | "writethrough" => Ok(CacheMode::Writeback),
@@ -178,7 +180,24 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         None => 0,
     };
     if args.tls_hostname.is_some() {
-        return Err(unsupported("--tls-hostname (a client option)"));
+        return Err(if args.tls_creds.is_some() {
+            CliError::plain("TLS hostname is only supported with export list")
+        } else {
+            CliError::plain("--tls-hostname is not permitted without --tls-creds")
+        });
+    }
+    let passed = activation::passed_sockets()?;
+    if passed > 0 {
+        activation::validate(
+            args.socket.is_some(),
+            args.bind.is_some(),
+            args.port.is_some(),
+        )?;
+        if passed > 1 {
+            return Err(CliError::plain(
+                "qemu-nbd does not support socket activation with LISTEN_FDS > 1",
+            ));
+        }
     }
     if args.tls_verify_peer && args.tls_creds.is_none() {
         return Err(CliError::plain("--tls-verify-peer needs --tls-creds"));
@@ -256,19 +275,24 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         DetectZeroesArg::On => DetectZeroes::On,
         DetectZeroesArg::Unmap => DetectZeroes::Unmap,
     };
-    let endpoint = match &args.socket {
-        Some(path) => Endpoint::Unix(path.clone()),
-        None => Endpoint::Tcp {
-            host: args.bind.clone(),
-            port: args.port,
-        },
+    let mut server = if passed > 0 {
+        Server::serve_on(activation::take_listener()?, config)
+            .map_err(|e| CliError::new("server", crate::error::os_text(&e)))?
+    } else {
+        let endpoint = match &args.socket {
+            Some(path) => Endpoint::Unix(path.clone()),
+            None => Endpoint::Tcp {
+                host: args.bind.clone().unwrap_or_else(|| DEFAULT_BIND.into()),
+                port: args.port.unwrap_or(DEFAULT_PORT),
+            },
+        };
+        Server::bind(&endpoint, config).map_err(|e| {
+            CliError::new(
+                format!("Failed to bind {endpoint}"),
+                crate::error::os_text(&e),
+            )
+        })?
     };
-    let mut server = Server::bind(&endpoint, config).map_err(|e| {
-        CliError::new(
-            format!("Failed to bind {endpoint}"),
-            crate::error::os_text(&e),
-        )
-    })?;
     if args.verbose {
         // Not eprintln: after --fork nobody may be reading stderr, and a failed write must
         // not panic.

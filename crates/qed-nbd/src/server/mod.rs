@@ -182,8 +182,14 @@ struct Running {
 impl Server {
     /// Binds `endpoint`.
     pub fn bind(endpoint: &Endpoint, config: ServerConfig) -> io::Result<Self> {
+        Self::serve_on(Listener::bind(endpoint)?, config)
+    }
+
+    /// Serves on a socket that is already listening (see [`Listener::from_tcp`] and
+    /// [`Listener::from_unix`]).
+    pub fn serve_on(listener: Listener, config: ServerConfig) -> io::Result<Self> {
         Ok(Self {
-            listener: Listener::bind(endpoint)?,
+            listener,
             config,
             wake: Arc::new(Wake::new()?),
             events: None,

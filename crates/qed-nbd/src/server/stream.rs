@@ -36,8 +36,9 @@ impl std::fmt::Display for Endpoint {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix.
-    Unix(UnixListener, PathBuf),
+    /// Unix, with the path to remove when the server stops (none for a socket the server
+    /// was given rather than made).
+    Unix(UnixListener, Option<PathBuf>),
 }
 
 impl Listener {
@@ -54,14 +55,45 @@ impl Listener {
                 if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                     std::fs::remove_file(path)?;
                 }
-                Self::Unix(UnixListener::bind(path)?, path.clone())
+                Self::Unix(UnixListener::bind(path)?, Some(path.clone()))
             }
         };
-        match &listener {
-            Self::Tcp(l) => l.set_nonblocking(true)?,
-            Self::Unix(l, _) => l.set_nonblocking(true)?,
-        }
+        listener.set_nonblocking()?;
         Ok(listener)
+    }
+
+    /// Serves a TCP socket that is already listening (one passed by a service manager),
+    /// non-blocking.
+    pub fn from_tcp(listener: TcpListener) -> io::Result<Self> {
+        let listener = Self::Tcp(listener);
+        listener.set_nonblocking()?;
+        Ok(listener)
+    }
+
+    /// Serves a Unix socket that is already listening. Its path is left in place when the
+    /// server stops: whoever made the socket owns it.
+    pub fn from_unix(listener: UnixListener) -> io::Result<Self> {
+        let listener = Self::Unix(listener, None);
+        listener.set_nonblocking()?;
+        Ok(listener)
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Self::Tcp(l) => l.set_nonblocking(true),
+            Self::Unix(l, _) => l.set_nonblocking(true),
+        }
+    }
+
+    fn unix_name(listener: &UnixListener, path: &Option<PathBuf>) -> String {
+        match path {
+            Some(path) => path.display().to_string(),
+            None => listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "unix socket".into()),
+        }
     }
 
     /// The local address, for messages.
@@ -71,7 +103,7 @@ impl Listener {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
-            Self::Unix(_, path) => path.display().to_string(),
+            Self::Unix(l, path) => Self::unix_name(l, path),
         }
     }
 
@@ -88,7 +120,7 @@ impl Listener {
             Self::Unix(l, path) => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(false)?;
-                Ok((Stream::Unix(s), path.display().to_string()))
+                Ok((Stream::Unix(s), Self::unix_name(l, path)))
             }
         }
     }
@@ -105,7 +137,7 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Self::Unix(_, path) = self {
+        if let Self::Unix(_, Some(path)) = self {
             let _ = std::fs::remove_file(path);
         }
     }
