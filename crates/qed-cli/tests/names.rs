@@ -85,3 +85,46 @@ fn error_lines_start_with_the_name_it_was_invoked_as() {
     );
     assert!(stderr(&out).starts_with("qed: "), "{}", stderr(&out));
 }
+
+#[test]
+fn qemu_nbd_fork_keeps_the_name_in_the_background_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    links(d);
+    let nbd = d.join("qemu-nbd").display().to_string();
+    let out = run_in(
+        d,
+        &qed_path().display().to_string(),
+        &["create", "-f", "qed", "disk.qed", "1M"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let socket = d.join("s.sock").display().to_string();
+    // qemu-nbd's arguments, as QEMU's tests pass them: without `serve`, the background
+    // process must still parse them as qemu-nbd's.
+    let out = run_in(
+        d,
+        &nbd,
+        &[
+            "--pid-file=srv.pid",
+            "-v",
+            "-k",
+            &socket,
+            "--fork",
+            "-f",
+            "qed",
+            "disk.qed",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    if have_qemu() {
+        let uri = format!("nbd+unix:///?socket={socket}");
+        let out = run_in(d, "qemu-io", &["-f", "raw", "-c", "read 0 4k", &uri]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    // Not persistent: the server ends after its client; if the client never ran, stop it.
+    let pid = std::fs::read_to_string(d.join("srv.pid")).unwrap_or_default();
+    if !pid.trim().is_empty() {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+}

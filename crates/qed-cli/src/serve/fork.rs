@@ -10,14 +10,19 @@ use crate::error::{CliError, CliResult};
 /// neither of the parent's output streams, so `$(qed serve --fork ...)` returns. Safe Rust
 /// cannot fork; a new process does the same.
 pub fn fork() -> CliResult<i32> {
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let exe = std::env::current_exe().map_err(|e| CliError::new("--fork", e))?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
+    let mut argv = std::env::args_os();
+    // The child is started under the name this process was started as: under `qemu-nbd`
+    // its arguments are qemu-nbd's, without the `serve` that `qed` needs.
+    let name = argv.next().unwrap_or_else(|| "qed".into());
+    let args: Vec<std::ffi::OsString> = argv
         .filter(|a| a != "--fork")
         .chain([std::ffi::OsString::from("--notify-ready")])
         .collect();
     let mut child = Command::new(exe)
+        .arg0(name)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

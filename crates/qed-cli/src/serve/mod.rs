@@ -9,9 +9,7 @@ use std::sync::Arc;
 use qed_image::{BackingPolicy, CacheMode, Image, OpenOptions};
 use qed_nbd::export::{Export, RawExport, Window};
 use qed_nbd::proto::ExportConfig;
-use qed_nbd::server::{
-    load_credentials, DetectZeroes, Discard, Endpoint, Event, Server, ServerConfig,
-};
+use qed_nbd::server::{load_credentials, DetectZeroes, Discard, Endpoint, Server, ServerConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -89,7 +87,8 @@ pub struct ServeArgs {
     /// Export the image from this offset on (bytes, or with a k/M/G suffix).
     #[arg(short = 'o', long = "offset")]
     offset: Option<String>,
-    /// Log connections on stderr.
+    /// Accepted, as qemu-nbd's: in server mode it prints nothing more (scripts compare
+    /// stderr with qemu-nbd's).
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
     /// Run in the background: return once the server listens.
@@ -275,7 +274,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         DetectZeroesArg::On => DetectZeroes::On,
         DetectZeroesArg::Unmap => DetectZeroes::Unmap,
     };
-    let mut server = if passed > 0 {
+    let server = if passed > 0 {
         Server::serve_on(activation::take_listener()?, config)
             .map_err(|e| CliError::new("server", crate::error::os_text(&e)))?
     } else {
@@ -293,21 +292,6 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
             )
         })?
     };
-    if args.verbose {
-        // Not eprintln: after --fork nobody may be reading stderr, and a failed write must
-        // not panic.
-        server.on_event(|event| {
-            let line = match event {
-                Event::Connected { peer } => {
-                    format!("{}: client {peer} connected\n", crate::prog())
-                }
-                Event::Disconnected { peer, reason } => {
-                    format!("{}: client {peer} disconnected: {reason}\n", crate::prog())
-                }
-            };
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        });
-    }
     let mut signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| CliError::new("signal handlers", crate::error::os_text(&e)))?;
     let signal_handle = signals.handle();
