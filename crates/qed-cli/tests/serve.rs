@@ -1033,3 +1033,145 @@ fn socket_activation_serves_a_passed_tcp_socket_and_refuses_an_address() {
         assert!(stderr(&o).contains(message), "{option:?}: {}", stderr(&o));
     }
 }
+
+/// `--list` of `qed serve` and of qemu-nbd print the same, on both servers.
+#[test]
+fn list_mode_prints_what_qemu_nbd_prints() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "4M");
+    let socket = dir.path().join("list.sock");
+    let socket_text = socket.to_str().unwrap().to_string();
+    let list = |program: &str| {
+        let args = if program == "qed" {
+            vec!["serve", "-L", "-k", &socket_text]
+        } else {
+            vec!["-L", "-k", &socket_text]
+        };
+        let o = if program == "qed" {
+            qed(dir.path(), &args)
+        } else {
+            run_in(dir.path(), program, &args)
+        };
+        assert_eq!(code(&o), 0, "{program}: {}", stderr(&o));
+        stdout(&o)
+    };
+    // Our server, with a description and both contexts.
+    let served = Served::start(
+        dir.path(),
+        &["-k", &socket_text],
+        &["-t", "-x", "disk one", "-D", "some text", "-A"],
+        "d.qed",
+        String::new(),
+    );
+    let ours = list("qed");
+    assert_eq!(ours, list("qemu-nbd"));
+    assert!(
+        ours.contains(" export: 'disk one'\n  description: some text\n"),
+        "{ours}"
+    );
+    assert!(ours.contains("   qemu:allocation-depth\n"), "{ours}");
+    assert_eq!(served.terminate(), 0);
+    // qemu-nbd's server, read-only and shared.
+    let mut qemu = Command::new("qemu-nbd")
+        .args([
+            "-t",
+            "-r",
+            "-e",
+            "3",
+            "-x",
+            "ro",
+            "-k",
+            &socket_text,
+            "-f",
+            "qed",
+            "d.qed",
+        ])
+        .current_dir(dir.path())
+        .spawn()
+        .unwrap();
+    wait_for(|| socket.exists());
+    let ours = list("qed");
+    let theirs = list("qemu-nbd");
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert_eq!(ours, theirs);
+    assert!(ours.contains("( readonly "), "{ours}");
+}
+
+#[test]
+fn list_mode_refuses_server_options() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, message) in [
+        (
+            vec!["-L", "d.qed"],
+            "List mode is incompatible with a file name",
+        ),
+        (
+            vec!["-L", "-x", "a"],
+            "List mode is incompatible with per-device settings",
+        ),
+        (
+            vec!["-L", "--fork"],
+            "List mode is incompatible with forking",
+        ),
+        (
+            vec!["-L", "--tls-hostname", "h"],
+            "--tls-hostname is not permitted without --tls-creds",
+        ),
+    ] {
+        let mut all = vec!["serve"];
+        all.extend(&args);
+        let o = qed(dir.path(), &all);
+        assert_eq!(code(&o), 1, "{args:?}");
+        assert!(stderr(&o).contains(message), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// List mode over TLS: the server's certificate names localhost and 127.0.0.1, so connecting
+/// to 127.0.0.1 with `--tls-hostname` naming another host fails, and naming localhost works.
+#[test]
+fn list_mode_over_tls_checks_the_host_name() {
+    if !have_qemu() || !have_openssl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    create(dir.path(), "d.qed", "8M");
+    let served = Served::tcp(
+        dir.path(),
+        &["-t", "-x", "secure", "--tls-creds", "srv"],
+        "d.qed",
+    );
+    let port = served.uri.rsplit(':').next().unwrap().to_string();
+    let list = |hostname: Option<&str>| {
+        let mut args = vec![
+            "serve",
+            "-L",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--tls-creds",
+            "cli",
+        ];
+        if let Some(h) = hostname {
+            args.extend(["--tls-hostname", h]);
+        }
+        qed(dir.path(), &args)
+    };
+    let o = list(None);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains(" export: 'secure'"), "{}", stdout(&o));
+    let o = list(Some("localhost"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = list(Some("elsewhere.example"));
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+    // Without TLS the server says TLS is required, and the listing fails.
+    let o = qed(dir.path(), &["serve", "-L", "-b", "127.0.0.1", "-p", &port]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    assert_eq!(served.terminate(), 0);
+}

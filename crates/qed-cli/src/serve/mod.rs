@@ -17,6 +17,7 @@ use crate::error::{open_failure, CliError, CliResult};
 
 mod activation;
 mod fork;
+mod list;
 mod snapshot;
 use crate::format::ImageFormat;
 
@@ -63,9 +64,9 @@ pub struct ServeArgs {
     /// Listen on this Unix socket instead of TCP.
     #[arg(short = 'k', long = "socket")]
     socket: Option<PathBuf>,
-    /// Export name.
-    #[arg(short = 'x', long = "export-name", default_value = "")]
-    export_name: String,
+    /// Export name (default empty).
+    #[arg(short = 'x', long = "export-name")]
+    export_name: Option<String>,
     /// Export description.
     #[arg(short = 'D', long = "description")]
     description: Option<String>,
@@ -101,14 +102,17 @@ pub struct ServeArgs {
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
     /// Cache mode: writeback (default), writethrough, none, directsync, unsafe.
-    #[arg(long = "cache", default_value = "writeback")]
-    cache: String,
+    #[arg(long = "cache")]
+    cache: Option<String>,
+    /// No host cache: --cache=none.
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
     /// AIO mode (accepted; the engine uses threads).
     #[arg(long = "aio")]
     aio: Option<String>,
-    /// What trim requests do.
-    #[arg(long = "discard", value_enum, default_value = "ignore")]
-    discard: DiscardArg,
+    /// What trim requests do (default ignore).
+    #[arg(long = "discard", value_enum)]
+    discard: Option<DiscardArg>,
     /// Turn writes of zeros into zero writes.
     #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
     detect_zeroes: DetectZeroesArg,
@@ -122,8 +126,11 @@ pub struct ServeArgs {
     /// Require client certificates that chain to ca-cert.pem.
     #[arg(long = "tls-verify-peer")]
     tls_verify_peer: bool,
-    /// The image.
-    file: PathBuf,
+    /// List the exports of the server at -k, or -b and -p, instead of serving.
+    #[arg(short = 'L', long = "list")]
+    list: bool,
+    /// The image (none with --list).
+    file: Option<PathBuf>,
 }
 
 /// The opened image, kept to close it after the server is done with it.
@@ -170,6 +177,12 @@ fn cache_mode(name: &str) -> CliResult<CacheMode> {
 
 /// Runs `qed serve`.
 pub fn run(args: &ServeArgs) -> CliResult<i32> {
+    if args.list {
+        return list::run(args);
+    }
+    let Some(file) = args.file.as_deref() else {
+        return Err(CliError::plain("Invalid number of arguments"));
+    };
     if args.fork {
         return fork::fork();
     }
@@ -208,22 +221,30 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         ),
         None => None,
     };
-    let format = ImageFormat::resolve(&args.file, args.format).map_err(|e| {
+    let format = ImageFormat::resolve(file, args.format).map_err(|e| {
         CliError::new(
-            format!("Failed to blk_new_open '{}'", args.file.display()),
+            format!("Failed to blk_new_open '{}'", file.display()),
             open_failure(&e),
         )
     })?;
-    let cache = cache_mode(&args.cache)?;
+    if args.nocache && args.cache.is_some() {
+        return Err(CliError::plain("-n and --cache can only be specified once"));
+    }
+    let cache_name = match (&args.cache, args.nocache) {
+        (Some(name), _) => name.as_str(),
+        (None, true) => "none",
+        (None, false) => "writeback",
+    };
+    let cache = cache_mode(cache_name)?;
     // With -s the export is a temporary overlay on FILE, removed when the server stops.
     let overlay = if args.snapshot {
-        Some(snapshot::Overlay::create(&args.file, format)?)
+        Some(snapshot::Overlay::create(file, format)?)
     } else {
         None
     };
     let (file, format) = match &overlay {
         Some(o) => (o.path().to_path_buf(), ImageFormat::Qed),
-        None => (args.file.clone(), format),
+        None => (file.to_path_buf(), format),
     };
     let opened = match format {
         ImageFormat::Qed => {
@@ -241,7 +262,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     };
     let opened = opened.map_err(|e| {
         CliError::new(
-            format!("Failed to blk_new_open '{}'", args.file.display()),
+            format!("Failed to blk_new_open '{}'", file.display()),
             open_failure(&e),
         )
     })?;
@@ -252,7 +273,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     } else {
         opened.export()
     };
-    let mut export = ExportConfig::new(args.export_name.clone(), image.size());
+    let mut export = ExportConfig::new(args.export_name.clone().unwrap_or_default(), image.size());
     export.description = args.description.clone();
     export.writable = !args.read_only;
     export.allocation_depth = args.allocation_depth;
@@ -264,8 +285,8 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     };
     config.persistent = args.persistent;
     config.tls = tls;
-    config.writethrough = matches!(args.cache.as_str(), "writethrough" | "directsync");
-    config.discard = match args.discard {
+    config.writethrough = matches!(cache_name, "writethrough" | "directsync");
+    config.discard = match args.discard.unwrap_or(DiscardArg::Ignore) {
         DiscardArg::Ignore => Discard::Ignore,
         DiscardArg::Unmap => Discard::Unmap,
     };
@@ -319,6 +340,6 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     }
     let closed = opened.close();
     served.map_err(|e| CliError::new("server", crate::error::os_text(&e)))?;
-    closed.map_err(|e| CliError::new(args.file.display().to_string(), e))?;
+    closed.map_err(|e| CliError::new(file.display().to_string(), e))?;
     Ok(0)
 }
