@@ -43,6 +43,18 @@ impl ImageFormat {
     }
 }
 
+/// What QEMU's tools print when probing takes a file for raw: writes to its first sector are
+/// then restricted (see `qed_nbd::export::RawExport::probed`).
+pub fn probed_raw_warning(path: &Path) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions.\n",
+        path.display()
+    )
+}
+
 impl From<ImageFormat> for BackingFormat {
     fn from(format: ImageFormat) -> Self {
         match format {

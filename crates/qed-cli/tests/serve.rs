@@ -89,6 +89,16 @@ impl Served {
     }
 }
 
+/// A child process killed when dropped (a failed assertion must not leave a server running).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Served {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
@@ -1174,4 +1184,67 @@ fn list_mode_over_tls_checks_the_host_name() {
     let o = qed(dir.path(), &["serve", "-L", "-b", "127.0.0.1", "-p", &port]);
     assert_eq!(code(&o), 1, "{}", stdout(&o));
     assert_eq!(served.terminate(), 0);
+}
+
+/// A raw file served without `-f` is probed: QEMU's warning, block status in whole sectors,
+/// and no write may give its first sector an image header (a guest could otherwise make the
+/// file a QED image naming any host file as its backing file).
+#[test]
+fn probed_raw_exports_guard_the_first_sector() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.raw"), vec![b'0'; 1000]).unwrap();
+    // A sector that starts like a QED image.
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QED\0");
+    std::fs::write(dir.path().join("header.bin"), &header).unwrap();
+    let socket = dir.path().join("p.sock");
+    let socket_text = socket.to_str().unwrap().to_string();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut child = Killed(
+        Command::new(qed_path())
+            .args(["serve", "-t", "-k", &socket_text, "d.raw"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(|| socket.exists());
+    let uri = format!("nbd+unix:///?socket={socket_text}");
+    let map = run_ok(
+        dir.path(),
+        "qemu-img",
+        &["map", "-f", "raw", "--output=json", &uri],
+    );
+    assert!(map.contains("\"start\": 0, \"length\": 1024, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "{map}");
+    let o = run_in(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", "-c", "write -s header.bin 0 512", &uri],
+    );
+    let said = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        said.contains("write failed: Operation not permitted"),
+        "{said}"
+    );
+    let out = run_ok(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 512", &uri],
+    );
+    assert!(out.contains("wrote 512/512 bytes at offset 0"), "{out}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.starts_with(
+            "WARNING: Image format was not specified for 'd.raw' and probing guessed raw."
+        ),
+        "{log}"
+    );
+    let file = std::fs::read(dir.path().join("d.raw")).unwrap();
+    assert!(file[..512].iter().all(|&b| b == 0x11));
 }

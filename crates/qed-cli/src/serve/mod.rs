@@ -236,6 +236,10 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
         (None, false) => "writeback",
     };
     let cache = cache_mode(cache_name)?;
+    let probed_raw = args.format.is_none() && format == ImageFormat::Raw;
+    if probed_raw {
+        let _ = std::io::stderr().write_all(crate::format::probed_raw_warning(file).as_bytes());
+    }
     // With -s the export is a temporary overlay on FILE, removed when the server stops.
     let overlay = if args.snapshot {
         Some(snapshot::Overlay::create(file, format)?)
@@ -256,9 +260,10 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
             };
             Image::open(&file, &options).map(|i| Opened::Qed(Arc::new(i)))
         }
-        ImageFormat::Raw => {
-            RawExport::open(&file, !args.read_only, cache).map(|r| Opened::Raw(Arc::new(r)))
-        }
+        ImageFormat::Raw => RawExport::open(&file, !args.read_only, cache).map(|r| {
+            let r = if probed_raw { r.probed() } else { r };
+            Opened::Raw(Arc::new(r))
+        }),
     };
     let opened = opened.map_err(|e| {
         CliError::new(
@@ -277,6 +282,10 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     export.description = args.description.clone();
     export.writable = !args.read_only;
     export.allocation_depth = args.allocation_depth;
+    if probed_raw {
+        // Whole sectors, as the probed file is served in them.
+        export.block_size.minimum = 512;
+    }
     let mut config = ServerConfig::new(export);
     config.max_connections = if args.shared == 0 {
         MAX_SHARED

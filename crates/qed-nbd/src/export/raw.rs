@@ -8,13 +8,33 @@ use qed_image::{Error, Result, ZeroFlags};
 
 use super::{Export, Status};
 
+/// The sector: a probed raw file is served in whole sectors, and its first sector guarded.
+const SECTOR: u64 = 512;
+
+/// How images of the formats a prober recognises start: QED, qcow and qcow2, VMDK (sparse
+/// extent and descriptor), VDI's signature is at 64 and is not guarded, VHDX, LUKS.
+const HEADER_MAGICS: [&[u8]; 6] = [
+    b"QED\0",
+    b"QFI\xfb",
+    b"KDMV",
+    b"# Disk DescriptorFile",
+    b"vhdxfile",
+    b"LUKS\xba\xbe",
+];
+
 /// A raw image file. Its size is the file length at open rounded up to whole 512-byte sectors,
 /// as QEMU sees it (the partial tail reads as zeros).
+///
+/// A file whose format was probed rather than named is [`RawExport::probed`]: as QEMU does
+/// then, block status is reported in whole sectors, and a write that would make the first
+/// sector look like a QED header is refused, so a client cannot turn a raw disk into an image
+/// that names host files as its backing file the next time it is probed.
 #[derive(Debug)]
 pub struct RawExport {
     storage: FileStorage,
     size: u64,
     writable: bool,
+    probed: bool,
 }
 
 fn io(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
@@ -37,9 +57,34 @@ impl RawExport {
         let len = storage.len().map_err(io("length", 0))?;
         Ok(Self {
             storage,
-            size: len.div_ceil(512).saturating_mul(512),
+            size: len.div_ceil(SECTOR).saturating_mul(SECTOR),
             writable,
+            probed: false,
         })
+    }
+
+    /// Marks the file as raw by probing (see the type's documentation).
+    #[must_use]
+    pub fn probed(mut self) -> Self {
+        self.probed = true;
+        self
+    }
+
+    /// On a probed file, a write that reaches into the first sector must write all of it,
+    /// and what it writes there must not start like an image of another format.
+    fn guard_first_sector(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.probed || offset >= SECTOR || buf.is_empty() {
+            return Ok(());
+        }
+        if offset != 0 || (buf.len() as u64) < SECTOR {
+            return Err(Error::InvalidArgument(
+                "a write into the first sector of a probed raw image must cover it whole".into(),
+            ));
+        }
+        if HEADER_MAGICS.iter().any(|magic| buf.starts_with(magic)) {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
     }
 
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
@@ -75,6 +120,7 @@ impl Export for RawExport {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check(offset, buf.len() as u64, true)?;
+        self.guard_first_sector(buf, offset)?;
         self.storage
             .write_at(buf, offset)
             .map_err(io("write", offset))?;
@@ -112,7 +158,52 @@ impl Export for RawExport {
         self.storage.flush().map_err(io("flush", 0))
     }
 
-    fn status(&self, offset: u64, len: u64, max: usize, _holes: bool) -> Result<Vec<Status>> {
+    fn status(&self, offset: u64, len: u64, max: usize, holes: bool) -> Result<Vec<Status>> {
+        let found = self.file_status(offset, len, max, holes)?;
+        Ok(if self.probed {
+            whole_sectors(found)
+        } else {
+            found
+        })
+    }
+}
+
+/// Status in whole sectors, as QEMU's block layer reports it for a probed raw file: a sector
+/// that holds any data is data. `found` covers a range contiguously, in order.
+fn whole_sectors(found: Vec<Status>) -> Vec<Status> {
+    let (Some(first), Some(last)) = (found.first(), found.last()) else {
+        return found;
+    };
+    let (mut pos, final_end) = (first.offset, last.offset + last.length);
+    let mut out: Vec<Status> = Vec::with_capacity(found.len());
+    for s in &found {
+        let end = s.offset + s.length;
+        let stop = if !s.hole {
+            end.next_multiple_of(SECTOR).min(final_end)
+        } else if end == final_end {
+            end
+        } else {
+            // The partial sector at the end of a hole goes to the data after it.
+            end / SECTOR * SECTOR
+        };
+        if stop <= pos {
+            continue;
+        }
+        match out.last_mut() {
+            Some(prev) if prev.hole == s.hole && prev.zero == s.zero => prev.length += stop - pos,
+            _ => out.push(Status {
+                offset: pos,
+                length: stop - pos,
+                ..*s
+            }),
+        }
+        pos = stop;
+    }
+    out
+}
+
+impl RawExport {
+    fn file_status(&self, offset: u64, len: u64, max: usize, _holes: bool) -> Result<Vec<Status>> {
         let end = offset.saturating_add(len).min(self.size);
         let mut out = Vec::new();
         let mut pos = offset;
@@ -136,5 +227,51 @@ impl Export for RawExport {
             pos += length;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(offset: u64, length: u64, hole: bool) -> Status {
+        Status {
+            offset,
+            length,
+            zero: hole,
+            hole,
+            depth: 1,
+        }
+    }
+
+    #[test]
+    fn whole_sectors_give_partial_sectors_to_data() {
+        // 1000 bytes of data, then the rounded-up tail: all one data sector pair.
+        let out = whole_sectors(vec![st(0, 1000, false), st(1000, 24, true)]);
+        assert_eq!(out, vec![st(0, 1024, false)]);
+        // A hole between data keeps only its whole sectors.
+        let out = whole_sectors(vec![
+            st(0, 100, false),
+            st(100, 2000, true),
+            st(2100, 400, false),
+            st(2500, 572, true),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                st(0, 512, false),
+                st(512, 1536, true),
+                st(2048, 512, false),
+                st(2560, 512, true),
+            ]
+        );
+        // A hole inside one sector disappears into the data around it.
+        let out = whole_sectors(vec![
+            st(0, 100, false),
+            st(100, 200, true),
+            st(300, 724, false),
+        ]);
+        assert_eq!(out, vec![st(0, 1024, false)]);
+        assert!(whole_sectors(Vec::new()).is_empty());
     }
 }
