@@ -1248,3 +1248,33 @@ fn probed_raw_exports_guard_the_first_sector() {
     let file = std::fs::read(dir.path().join("d.raw")).unwrap();
     assert!(file[..512].iter().all(|&b| b == 0x11));
 }
+
+/// Under --fork, a warning the server prints while starting still reaches the caller's stderr
+/// before the parent exits.
+#[test]
+fn fork_passes_on_startup_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.raw"), vec![0u8; 4096]).unwrap();
+    let o = qed(
+        dir.path(),
+        &[
+            "serve",
+            "-t",
+            "-k",
+            "w.sock",
+            "--fork",
+            "--pid-file",
+            "w.pid",
+            "d.raw",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let pid = std::fs::read_to_string(dir.path().join("w.pid")).unwrap();
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    assert!(
+        stderr(&o).starts_with("WARNING: Image format was not specified for 'd.raw'"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+}

@@ -4,6 +4,11 @@ use std::io::{BufRead, Write};
 
 use crate::error::{CliError, CliResult};
 
+/// What the background process prints on its stdout once it listens.
+pub const READY: &str = "ready";
+/// The prefix of a line the background process passes on for stderr before it is ready.
+pub const STDERR_LINE: &str = "stderr ";
+
 /// `--fork`: runs the same command again without it, in the background, and returns once the
 /// child listens (it says so on its stdout) with exit status 0, or with the child's status if
 /// it failed first. Until then the child's stderr is passed on; afterwards the child holds
@@ -40,12 +45,23 @@ pub fn fork() -> CliResult<i32> {
             }
         })
     });
-    let mut line = String::new();
+    // The child's stdout says "ready" once it listens; before that it may pass on lines for
+    // stderr (warnings) there, so that they are printed before this process exits.
     if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
-    if line.trim() == "ready" {
-        return Ok(0);
+        let mut out = std::io::BufReader::new(out);
+        let mut line = String::new();
+        while matches!(out.read_line(&mut line), Ok(n) if n > 0) {
+            if line.trim_end() == READY {
+                return Ok(0);
+            }
+            match line.strip_prefix(STDERR_LINE) {
+                Some(text) => {
+                    let _ = std::io::stderr().write_all(text.as_bytes());
+                }
+                None => break,
+            }
+            line.clear();
+        }
     }
     let status = child.wait().map_err(|e| CliError::new("--fork", e))?;
     if let Some(relay) = relay {

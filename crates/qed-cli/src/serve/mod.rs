@@ -175,6 +175,20 @@ fn cache_mode(name: &str) -> CliResult<CacheMode> {
     }
 }
 
+/// Prints a warning on stderr; under `--fork` through the parent, which exits as soon as the
+/// server listens and would otherwise lose it.
+fn warn(args: &ServeArgs, text: &str) {
+    if args.notify_ready {
+        let lines: String = text
+            .lines()
+            .map(|line| format!("{}{line}\n", fork::STDERR_LINE))
+            .collect();
+        let _ = std::io::stdout().write_all(lines.as_bytes());
+    } else {
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    }
+}
+
 /// Runs `qed serve`.
 pub fn run(args: &ServeArgs) -> CliResult<i32> {
     if args.list {
@@ -238,7 +252,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     let cache = cache_mode(cache_name)?;
     let probed_raw = args.format.is_none() && format == ImageFormat::Raw;
     if probed_raw {
-        let _ = std::io::stderr().write_all(crate::format::probed_raw_warning(file).as_bytes());
+        warn(args, &crate::format::probed_raw_warning(file));
     }
     // With -s the export is a temporary overlay on FILE, removed when the server stops.
     let overlay = if args.snapshot {
@@ -339,7 +353,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     if args.notify_ready {
         let mut out = std::io::stdout();
         // The parent of --fork reads this line, then exits; nothing else goes to stdout.
-        let _ = writeln!(out, "ready").and_then(|()| out.flush());
+        let _ = writeln!(out, "{}", fork::READY).and_then(|()| out.flush());
     }
     let served = server.run(image);
     signal_handle.close();
