@@ -57,7 +57,6 @@ impl Budget {
     }
 
     /// Requests and bytes in flight now.
-    #[cfg(test)]
     pub fn in_flight(&self) -> (usize, usize) {
         *self.used.lock().unwrap_or_else(|e| e.into_inner())
     }

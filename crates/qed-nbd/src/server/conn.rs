@@ -15,6 +15,7 @@ use crate::proto::{
 };
 
 use super::budget::Budget;
+use super::buffers::Buffers;
 use super::exec::{execute, reply_cost, Session};
 use super::pool::Pool;
 use super::stream::Stream;
@@ -158,6 +159,9 @@ fn handshake(io: &mut Io, config: &ServerConfig) -> Result<Option<Negotiated>, E
     }
 }
 
+/// Idle reply and payload buffers a connection keeps for reuse, at most.
+const IDLE_BUFFER_BYTES: usize = 8 << 20;
+
 /// A reply ready to send, and the budget it gives back once sent.
 struct Outgoing {
     bytes: Vec<u8>,
@@ -177,8 +181,11 @@ fn transmission(
         config.max_in_flight,
         config.max_in_flight_bytes,
     ));
+    // Enough idle buffers for a full window of replies at the usual request sizes.
+    let buffers = Arc::new(Buffers::new(IDLE_BUFFER_BYTES));
     let (replies, outgoing) = channel::<Outgoing>();
     let writer_budget = Arc::clone(&budget);
+    let writer_buffers = Arc::clone(&buffers);
     let writer_socket = socket;
     let writer_thread = std::thread::Builder::new()
         .name("nbd-writer".into())
@@ -191,6 +198,7 @@ fn transmission(
                     broken = true;
                     let _ = writer_socket.shutdown(Shutdown::Both);
                 }
+                writer_buffers.give(reply.bytes);
                 writer_budget.give(reply.cost);
             }
         })?;
@@ -210,7 +218,7 @@ fn transmission(
     };
     let mut input = io::Cursor::new(negotiated.leftover).chain(reader);
     let result = requests(
-        &mut input, &replies, &budget, &session, &limits, image, pool,
+        &mut input, &replies, &budget, &buffers, &session, &limits, image, pool,
     );
     // Finish what is in flight, then let the writer send it and stop.
     budget.drain();
@@ -223,6 +231,7 @@ fn requests(
     input: &mut impl Read,
     replies: &Sender<Outgoing>,
     budget: &Arc<Budget>,
+    buffers: &Arc<Buffers>,
     session: &Session,
     limits: &Limits,
     image: &Arc<dyn Export>,
@@ -256,7 +265,7 @@ fn requests(
         let cost = reply_cost(&request, &session);
         // Waits while the connection has its fill of requests in flight.
         budget.take(cost);
-        let mut payload = Vec::new();
+        let mut payload = buffers.take();
         if request.payload > 0 {
             // Checked against the maximum payload: at most 32 MiB.
             payload.resize(request.payload as usize, 0);
@@ -265,23 +274,58 @@ fn requests(
                 return Err(e.into());
             }
         }
-        let image = Arc::clone(image);
-        let session = Arc::clone(&session);
-        let replies = replies.clone();
-        pool.submit(move || {
-            // A panic in the engine must still answer the request (and give its budget back),
-            // or the connection would wait for it forever.
+        if runs_inline(&request, budget) {
+            // Nothing else is in flight on this connection (a client at queue depth 1): a
+            // short request runs here, saving a hand-off to a worker and back.
+            let out = buffers.take();
             let bytes = panic::catch_unwind(AssertUnwindSafe(|| {
-                execute(&*image, &session, &request, payload)
+                execute(&**image, &session, &request, &payload, out)
             }))
             .unwrap_or_else(|_| {
                 let mut bytes = Vec::new();
                 failure(&mut bytes, to, EIO, "internal error");
                 bytes
             });
+            buffers.give(payload);
+            let _ = replies.send(Outgoing { bytes, cost });
+            continue;
+        }
+        let image = Arc::clone(image);
+        let session = Arc::clone(&session);
+        let replies = replies.clone();
+        let buffers = Arc::clone(buffers);
+        pool.submit(move || {
+            // A panic in the engine must still answer the request (and give its budget back),
+            // or the connection would wait for it forever.
+            let out = buffers.take();
+            let bytes = panic::catch_unwind(AssertUnwindSafe(|| {
+                execute(&*image, &session, &request, &payload, out)
+            }))
+            .unwrap_or_else(|_| {
+                let mut bytes = Vec::new();
+                failure(&mut bytes, to, EIO, "internal error");
+                bytes
+            });
+            buffers.give(payload);
             let _ = replies.send(Outgoing { bytes, cost });
         });
     }
+}
+
+/// The longest request run on the reader thread when it is the only one in flight.
+const INLINE_MAX: u64 = 128 * 1024;
+
+/// Whether `request` (already counted in `budget`) runs on the reader thread: a short read,
+/// block status or write without FUA, when no other request of the connection is in flight.
+fn runs_inline(request: &crate::proto::Request, budget: &Budget) -> bool {
+    use crate::proto::consts::CMD_FLAG_FUA;
+    let short = request.length <= INLINE_MAX;
+    let quick = match request.command {
+        Command::Read | Command::BlockStatus => true,
+        Command::Write => !request.has(CMD_FLAG_FUA),
+        _ => false,
+    };
+    short && quick && budget.in_flight().0 == 1
 }
 
 /// Reads one header; false at a clean end of stream (before its first byte).

@@ -95,20 +95,21 @@ pub fn execute(
     image: &dyn Export,
     session: &Session,
     request: &Request,
-    payload: Vec<u8>,
+    payload: &[u8],
+    mut out: Vec<u8>,
 ) -> Vec<u8> {
     let to = ReplyTo {
         mode: session.mode,
         cookie: request.cookie,
         offset: request.offset,
     };
-    let mut out = Vec::new();
+    out.clear();
     let (offset, length) = (request.offset, request.length);
     let fua = request.has(CMD_FLAG_FUA) || session.writethrough;
     let result = match request.command {
-        Command::Read => return read(image, to, request),
-        Command::BlockStatus => return status(image, session, to, request),
-        Command::Write => write(image, session, offset, &payload, fua),
+        Command::Read => return read(image, to, request, out),
+        Command::BlockStatus => return status(image, session, to, request, out),
+        Command::Write => write(image, session, offset, payload, fua),
         Command::WriteZeroes => {
             let flags = ZeroFlags {
                 may_unmap: !request.has(CMD_FLAG_NO_HOLE) && session.discard == Discard::Unmap,
@@ -168,11 +169,11 @@ fn cache(image: &dyn Export, offset: u64, length: u64) -> qed_image::Result<()> 
     image.status(offset, length, MAX_EXTENTS, false).map(drop)
 }
 
-fn read(image: &dyn Export, to: ReplyTo, request: &Request) -> Vec<u8> {
+/// Builds the reply to a read in `out` (empty, perhaps with capacity from earlier replies).
+fn read(image: &dyn Export, to: ReplyTo, request: &Request, mut out: Vec<u8>) -> Vec<u8> {
     // Checked against the maximum payload before it got here.
     let len = request.length as usize;
     let offset = request.offset;
-    let mut out = Vec::new();
     if to.mode == Mode::Simple {
         out.reserve_exact(16 + len);
         simple(&mut out, to.cookie, 0);
@@ -222,8 +223,13 @@ fn read(image: &dyn Export, to: ReplyTo, request: &Request) -> Vec<u8> {
     out
 }
 
-fn status(image: &dyn Export, session: &Session, to: ReplyTo, request: &Request) -> Vec<u8> {
-    let mut out = Vec::new();
+fn status(
+    image: &dyn Export,
+    session: &Session,
+    to: ReplyTo,
+    request: &Request,
+    mut out: Vec<u8>,
+) -> Vec<u8> {
     let max = if request.has(CMD_FLAG_REQ_ONE) {
         1
     } else {

@@ -9,6 +9,7 @@
 //! listen queue.
 
 mod budget;
+mod buffers;
 mod conn;
 mod exec;
 mod pool;
