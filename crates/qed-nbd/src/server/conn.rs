@@ -218,7 +218,16 @@ fn transmission(
     };
     let mut input = io::Cursor::new(negotiated.leftover).chain(reader);
     let result = requests(
-        &mut input, &replies, &budget, &buffers, &session, &limits, image, pool,
+        &mut input,
+        &Replies {
+            send: replies.clone(),
+            buffers,
+        },
+        &budget,
+        &session,
+        &limits,
+        image,
+        pool,
     );
     // Finish what is in flight, then let the writer send it and stop.
     budget.drain();
@@ -227,17 +236,24 @@ fn transmission(
     result
 }
 
+/// Where replies go (to the writer thread), and the buffers they are built in.
+struct Replies {
+    send: Sender<Outgoing>,
+    buffers: Arc<Buffers>,
+}
+
 fn requests(
     input: &mut impl Read,
-    replies: &Sender<Outgoing>,
+    replies: &Replies,
     budget: &Arc<Budget>,
-    buffers: &Arc<Buffers>,
     session: &Session,
     limits: &Limits,
     image: &Arc<dyn Export>,
     pool: &Pool,
 ) -> Result<(), End> {
     let session = Arc::new(session.clone());
+    let buffers = &replies.buffers;
+    let replies = &replies.send;
     let mut header = vec![0u8; header_len(limits.mode)];
     loop {
         if !read_header(input, &mut header)? {
