@@ -102,7 +102,8 @@ SAMPLES="$W/samples.tsv"; : > "$SAMPLES"
 metric() {  # metric NAME < fio json
     python3 -c '
 import json, sys
-j = json.load(sys.stdin)["jobs"][0]
+text = sys.stdin.read()  # fio prints "fio: connected to NBD server" before its JSON
+j = json.loads(text[text.index("{"):])["jobs"][0]
 m = sys.argv[1]
 op = "read" if m.startswith("read") else "write"
 print(j[op]["iops"] if m.endswith("iops") else j[op]["bw_bytes"] / 1048576)' "$1"
