@@ -128,3 +128,51 @@ fn qemu_nbd_fork_keeps_the_name_in_the_background_process() {
         let _ = std::process::Command::new("kill").arg(pid.trim()).status();
     }
 }
+
+/// Under the name qemu-img, `-p` prints what qemu-img prints: percentages rewritten in place
+/// on stdout, from 0.00 to 100.00, whether or not stdout is a terminal.
+#[test]
+fn qemu_img_progress_is_qemu_img_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    links(d);
+    let img = d.join("qemu-img").display().to_string();
+    let out = run_in(d, &img, &["create", "-q", "-f", "qed", "src.qed", "8M"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = run_in(
+        d,
+        &img,
+        &["convert", "-p", "-O", "raw", "src.qed", "out.raw"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("    (0.00/100%)\r"), "{text:?}");
+    assert!(text.ends_with("    (100.00/100%)\r\n"), "{text:?}");
+    for piece in text.trim_end_matches('\n').split_terminator('\r') {
+        let number = piece
+            .strip_prefix("    (")
+            .and_then(|p| p.strip_suffix("/100%)"))
+            .unwrap_or_else(|| panic!("{piece:?} in {text:?}"));
+        let value: f64 = number.parse().unwrap();
+        assert!((0.0..=100.0).contains(&value), "{text:?}");
+    }
+    if have_qemu() {
+        let theirs = run_in(
+            d,
+            "qemu-img",
+            &["convert", "-p", "-O", "raw", "src.qed", "q.raw"],
+        );
+        assert_eq!(stdout(&theirs), text, "the same for an empty image");
+    }
+    // As `qed`, a bar on stderr only when it is a terminal: nothing here.
+    let out = run_in(
+        d,
+        &qed_path().display().to_string(),
+        &["convert", "-p", "-O", "raw", "src.qed", "o2.raw"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stdout(&out).is_empty() && stderr(&out).is_empty(),
+        "{out:?}"
+    );
+}
