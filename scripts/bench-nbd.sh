@@ -171,7 +171,7 @@ def med(name, server):
 def fmt(name, v):
     if v is None:
         return "-"
-    return f"{v / 1000:.1f}k IOPS" if "iops" in name or ("4k" in name) else f"{v:.0f} MiB/s"
+    return f"{v / 1000:.1f}k IOPS" if " 4k " in f" {name} " else f"{v:.0f} MiB/s"
 print()
 print("| workload | qed serve | qemu-nbd (qed) | nbdkit file (raw) | qed / qemu-nbd | qed / nbdkit |")
 print("|---|---|---|---|---|---|")
