@@ -124,10 +124,24 @@ pub fn bench(disk: &Disk, options: &BenchOptions) -> Result<Duration, BenchError
     let state = Mutex::new(State::default());
     let changed = Condvar::new();
     let size = disk.size();
+    let mut buffers = Vec::with_capacity(options.workers());
+    for _ in 0..options.workers() {
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(options.buffer_size).map_err(|_| {
+            BenchError::Request(Error::TooLarge {
+                what: "request buffer",
+                bytes: options.buffer_size as u64,
+                limit: 0,
+            })
+        })?;
+        buf.resize(options.buffer_size, options.pattern);
+        buffers.push(buf);
+    }
     let started = Instant::now();
     std::thread::scope(|scope| {
-        for _ in 0..options.workers() {
-            scope.spawn(|| worker(disk, options, size, &state, &changed));
+        for buf in buffers {
+            let (state, changed) = (&state, &changed);
+            scope.spawn(move || worker(disk, options, size, buf, state, changed));
         }
     });
     let elapsed = started.elapsed();
@@ -137,8 +151,14 @@ pub fn bench(disk: &Disk, options: &BenchOptions) -> Result<Duration, BenchError
     }
 }
 
-fn worker(disk: &Disk, options: &BenchOptions, size: u64, state: &Mutex<State>, changed: &Condvar) {
-    let mut buf = vec![options.pattern; options.buffer_size];
+fn worker(
+    disk: &Disk,
+    options: &BenchOptions,
+    size: u64,
+    mut buf: Vec<u8>,
+    state: &Mutex<State>,
+    changed: &Condvar,
+) {
     let interval = options.flush_interval;
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let mut st = lock();

@@ -102,7 +102,8 @@ enum Source {
 /// Commits `layers` (the overlay first, then each layer down to, not including, the base;
 /// only the ranges each holds itself are read, so their own backing layers do not matter)
 /// into `base` (open for writing), which is closed here, before the overlay is emptied when
-/// `options` say so. `progress(done, total)` follows the overlay's guest bytes.
+/// `options` say so. `progress(done, total)` follows the overlay's guest bytes (at least once
+/// per [`IO_BUF_SIZE`] copied, so a caller can pace the copy from it).
 pub fn commit(
     layers: &[&Image],
     base: Disk,
@@ -130,7 +131,17 @@ pub fn commit(
     while pos < size {
         let (end, source) = resolve(layers, base_size, pos, size)?;
         match source {
-            Source::Data(k) => copy(layers[k], &base, pos, end, &mut buf, &mut stats)?,
+            Source::Data(k) => {
+                let mut at_chunk = |done| progress(done, size);
+                copy(
+                    layers[k],
+                    &base,
+                    (pos, end),
+                    &mut buf,
+                    &mut stats,
+                    &mut at_chunk,
+                )?;
+            }
             Source::Zero => zero(&base, pos, end, &mut stats)?,
             Source::Base => {}
         }
@@ -191,10 +202,10 @@ fn resolve(
 fn copy(
     layer: &Image,
     base: &Disk,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     buf: &mut Vec<u8>,
     stats: &mut CommitStats,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<(), CommitError> {
     if buf.is_empty() {
         buf.resize(IO_BUF_SIZE, 0);
@@ -209,6 +220,7 @@ fn copy(
             .map_err(|source| CommitError::Write { offset: at, source })?;
         stats.copied += n as u64;
         at += n as u64;
+        progress(at);
     }
     Ok(())
 }
