@@ -2,7 +2,7 @@
 //! bench` runs them, timed.
 //!
 //! Request `i` goes to the same offset as in qemu-img: the first to the start offset, each
-//! next one a step further, wrapping around the disk (less one buffer). The queue depth is
+//! next one a step further, wrapping around the disk. The queue depth is
 //! the number of worker threads that issue requests at once on the one shared disk (at most
 //! [`MAX_WORKERS`], and fewer when their buffers would pass [`MAX_BUFFER_BYTES`]). With a
 //! flush interval, a flush follows every that many requests: after the requests in flight
@@ -70,18 +70,19 @@ impl BenchOptions {
         }
     }
 
-    /// The offset of request `i` on a disk of `size` bytes.
+    /// The offset of request `i` on a disk of `size` bytes: the start offset, then a step
+    /// further each time, wrapping modulo the disk's size as qemu-img 10.0 wraps it (so a
+    /// wrapped request can run past the end and fail, as there; later QEMU wraps modulo the
+    /// size less one buffer).
     pub fn offset_of(&self, i: u64, size: u64) -> u64 {
         if i == 0 {
             return self.offset;
         }
-        let buf = self.buffer_size as u64;
-        if size <= buf {
+        if size == 0 {
             return 0;
         }
-        let span = u128::from(size - buf);
-        ((u128::from(self.offset) + u128::from(i) * u128::from(self.effective_step())) % span)
-            as u64
+        let step = u128::from(self.effective_step());
+        ((u128::from(self.offset) + u128::from(i) * step) % u128::from(size)) as u64
     }
 
     /// The worker threads a run starts.
@@ -232,12 +233,10 @@ mod tests {
         let size = 1 << 20;
         assert_eq!(options.offset_of(0, size), 4096);
         assert_eq!(options.offset_of(1, size), 135168);
-        // Wraps modulo size − buffer.
-        assert_eq!(
-            options.offset_of(8, size),
-            (4096 + 8 * 131072) % (size - 65536)
-        );
-        assert_eq!(options.offset_of(3, 65536), 0);
+        // Wraps modulo the size, as qemu-img 10.0 does.
+        assert_eq!(options.offset_of(8, size), 4096);
+        assert_eq!(options.offset_of(9, size), 135168);
+        assert_eq!(options.offset_of(3, 0), 0);
     }
 
     #[test]
