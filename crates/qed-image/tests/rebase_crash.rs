@@ -189,7 +189,7 @@ fn safe_rebase_crash(cs: u32, ts: u32, target: Option<&[u8]>) -> u64 {
     explore_joint(
         &what,
         &timeline_of(&crash),
-        &[crash.clone()],
+        std::slice::from_ref(&crash),
         &options(),
         |disks| {
             let (image, name) = open_state(&files, disks[0].clone(), true)?;
@@ -249,7 +249,7 @@ fn unsafe_rebase_changes_only_the_header() {
             explore_joint(
                 &what,
                 &timeline_of(&crash),
-                &[crash.clone()],
+                std::slice::from_ref(&crash),
                 &options(),
                 |disks| {
                     let (image, name) = open_state(&files, disks[0].clone(), false)?;

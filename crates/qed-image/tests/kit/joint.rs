@@ -123,7 +123,7 @@ pub fn explore_joint(
             let others: BTreeSet<Vec<usize>> = instants
                 .iter()
                 .filter(|cuts| cuts[i] == state.cut)
-                .map(|cuts| cuts.clone())
+                .cloned()
                 .collect();
             assert!(
                 !others.is_empty(),
