@@ -90,10 +90,11 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
         return Err(CliError::plain("Image does not have a backing file"));
     }
     let cache = args.cache.map_or_else(Default::default, Into::into);
+    // Opened for writing even with -d, as qemu-img opens it (a dirty image is repaired first,
+    // and nobody else may write it meanwhile); its backing files are opened below, one by one.
     let options = OpenOptions {
         cache,
         backing: BackingPolicy::Ignore,
-        writable: !drop,
         ..OpenOptions::read_write()
     };
     let top = Image::open(&args.file, &options)
