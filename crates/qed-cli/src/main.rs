@@ -8,18 +8,24 @@
 //! `qemu-nbd`, `qed` is that program (`qemu-io ARGS` runs `qed io ARGS`, `qemu-nbd ARGS` runs
 //! `qed serve ARGS`), and its error lines start with the name it was invoked as.
 
+mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod error;
 mod format;
 mod info;
 mod io;
 mod json;
 mod map;
+mod measure;
 mod options;
 mod progress;
+mod rebase;
+mod resize;
 mod serve;
 mod size;
 mod text;
@@ -62,6 +68,19 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Copy an image into a new or existing one, sparse-aware (as `qemu-img convert`).
     Convert(convert::ConvertArgs),
+    /// Change the virtual size of an image (as `qemu-img resize`).
+    Resize(resize::ResizeArgs),
+    /// Give an image another backing file, keeping what the guest reads (as `qemu-img
+    /// rebase`).
+    Rebase(rebase::RebaseArgs),
+    /// Write an image's data into its backing file (as `qemu-img commit`).
+    Commit(commit::CommitArgs),
+    /// The file size a new image needs (as `qemu-img measure`).
+    Measure(measure::MeasureArgs),
+    /// Copy a part of an image into a new one (as `qemu-img dd`).
+    Dd(dd::DdArgs),
+    /// Time many reads or writes (as `qemu-img bench`).
+    Bench(bench::BenchArgs),
     /// Serve an image over NBD (as `qemu-nbd`).
     Serve(serve::ServeArgs),
 }
@@ -75,6 +94,12 @@ fn run(cli: &Cli) -> Result<i32, CliError> {
         Command::Map(args) => map::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Resize(args) => resize::run(args),
+        Command::Rebase(args) => rebase::run(args),
+        Command::Commit(args) => commit::run(args),
+        Command::Measure(args) => measure::run(args),
+        Command::Dd(args) => dd::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }

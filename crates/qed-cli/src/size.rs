@@ -143,6 +143,41 @@ pub fn cvtnum_in(name: &str, text: &str, min: u64, max: u64) -> crate::error::Cl
     }
 }
 
+/// Parses an integer as `qemu_strtoul(text, NULL, 0, ...)` does (decimal, `0x` hex, leading-`0`
+/// octal, the whole text; no size suffix), refusing it with qemu-img's messages when it is not
+/// one or lies outside `min..=max` (a negative number counts as out of range).
+pub fn strtoul_in(name: &str, text: &str, min: u64, max: u64) -> crate::error::CliResult<u64> {
+    use crate::error::CliError;
+    let invalid = || CliError::plain(format!("Invalid {name} specified: '{text}'."));
+    let range = || {
+        CliError::plain(format!(
+            "Invalid {name} specified. Must be between {min} and {max}."
+        ))
+    };
+    let body = text.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (negative, body) = match body.as_bytes().first() {
+        Some(b'-') => (true, &body[1..]),
+        Some(b'+') => (false, &body[1..]),
+        _ => (false, body),
+    };
+    let (digits, radix) =
+        if let Some(hex) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+            (hex, 16)
+        } else if body.len() > 1 && body.starts_with('0') {
+            (&body[1..], 8)
+        } else {
+            (body, 10)
+        };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(invalid());
+    }
+    let value = u64::from_str_radix(digits, radix).map_err(|_| range())?;
+    if (negative && value != 0) || !(min..=max).contains(&value) {
+        return Err(range());
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +215,26 @@ mod tests {
             ("9223372036854775807", i64::MAX as u64),
         ] {
             assert_eq!(parse_size(text), Ok(value), "{text}");
+        }
+    }
+
+    #[test]
+    fn integers_as_strtoul_reads_them() {
+        let n = |t: &str| strtoul_in("count", t, 1, i32::MAX as u64);
+        assert_eq!(n("10").unwrap(), 10);
+        assert_eq!(n("0x10").unwrap(), 16);
+        assert_eq!(n("010").unwrap(), 8);
+        for bad in ["", "x", "1k", "1.5", "08", "0x"] {
+            assert_eq!(
+                n(bad).unwrap_err().to_string(),
+                format!("Invalid count specified: '{bad}'.")
+            );
+        }
+        for far in ["0", "-5", "3000000000"] {
+            assert_eq!(
+                n(far).unwrap_err().to_string(),
+                "Invalid count specified. Must be between 1 and 2147483647."
+            );
         }
     }
 

@@ -28,6 +28,26 @@ fn common_fields(mut v: Value) -> Value {
     v
 }
 
+/// Human output without what we add on purpose: the QED `Format specific information:`
+/// block and `cleanly shut down: no`.
+fn without_additions(text: &str) -> String {
+    let mut skip = false;
+    text.lines()
+        .filter(|line| {
+            if *line == "Format specific information:" {
+                skip = true;
+                return false;
+            }
+            if skip && line.starts_with("    ") {
+                return false;
+            }
+            skip = false;
+            *line != "cleanly shut down: no"
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn json(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}{}", stdout(out), stderr(out)))
@@ -66,23 +86,7 @@ fn human_output_matches_qemu_img_but_for_additions() {
     }
     let Some(dir) = fixtures() else { return };
     let dir = dir.path();
-    let additions = |text: &str| -> String {
-        let mut skip = false;
-        text.lines()
-            .filter(|line| {
-                if *line == "Format specific information:" {
-                    skip = true;
-                    return false;
-                }
-                if skip && line.starts_with("    ") {
-                    return false;
-                }
-                skip = false;
-                *line != "cleanly shut down: no"
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let additions = without_additions;
     for image in images(dir) {
         if QEMU_REFUSES.contains(&image.as_str()) {
             continue;
@@ -222,4 +226,31 @@ fn errors_name_the_problem() {
     let out = qed(dir, &["info", "--output", "xml", "basic-64k.qed"]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).starts_with("qed: "), "{}", stderr(&out));
+}
+
+#[test]
+fn backing_chains_as_qemu_img_shows_them() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path();
+    make_chain(dir);
+    // Three layers down to a raw file, and a chain reached through a relative name in another
+    // directory; each layer printed in turn, blank lines between them, or a JSON array.
+    for image in ["top.qed", "mid.qed", "sub/deep.qed", "base.raw"] {
+        let args = ["info", "--backing-chain", image];
+        let q = run_ok(dir, "qemu-img", &args);
+        let m = qed(dir, &args);
+        assert_eq!(code(&m), 0, "{}", stderr(&m));
+        assert_eq!(
+            without_additions(&stdout(&q)),
+            without_additions(&stdout(&m)),
+            "{image}"
+        );
+        let args = ["info", "--backing-chain", "--output=json", image];
+        let q = run_ok(dir, "qemu-img", &args);
+        let m = qed(dir, &args);
+        assert_eq!(common_fields(json(&q)), common_fields(json(&m)), "{image}");
+    }
 }

@@ -8,7 +8,7 @@ use qed_format::{
     Header, L2Entry, FEATURE_BACKING_FILE, FEATURE_BACKING_FORMAT_NO_PROBE, HEADER_LEN, SECTOR_SIZE,
 };
 
-use crate::backing::{BackingFormat, BackingLayer};
+use crate::backing::{BackingFormat, BackingLayer, BackingPolicy};
 use crate::check::Repair;
 use crate::image::resolve_backing_name;
 use crate::state::Shared;
@@ -23,7 +23,10 @@ pub struct NewBacking {
     /// else leaves the format to probing, as QEMU does.
     pub format: Option<BackingFormat>,
     /// The layer to read from from now on. `None` opens the named file (read-only) when the
-    /// image was opened from a path; an image on other storage then reads zeros there.
+    /// image was opened from a path and follows its backing files
+    /// ([`BackingPolicy::Follow`](crate::BackingPolicy::Follow)); otherwise (other storage, or
+    /// an image opened without its backing chain, as `qemu-img rebase -u` opens it) the name
+    /// is only recorded and the image reads zeros there until it is opened again.
     pub layer: Option<BackingLayer>,
 }
 
@@ -41,12 +44,27 @@ impl Image {
 
     /// Points the image at another backing file, or at none (`None`: the image stands alone;
     /// unallocated clusters read as zeros), rewriting the header and name in one write at the
-    /// start of the file, as `qemu-img rebase -u` does. The guest view changes accordingly:
-    /// copying what differs first (a safe rebase) is the caller's part.
+    /// start of the file, as `qemu-img rebase -u` does. Every write completed before the call
+    /// is made durable first, so a crash never leaves the new header over data that did not
+    /// reach the disk. The guest view changes accordingly: copying what differs first (a safe
+    /// rebase, [`crate::ops::rebase`]) is the caller's part.
     pub fn set_backing(&self, new: Option<NewBacking>) -> Result<()> {
         self.shared.check_writable()?;
+        let open_named = self.options().backing == BackingPolicy::Follow;
         let _all = self.shared.gate.exclusive();
-        self.shared.set_backing(new)
+        self.shared.set_backing(new, open_named)
+    }
+
+    /// Drops every table entry, so that every guest byte reads from the backing file again
+    /// (zeros without one), and gives the space back (the file is cut behind the L1 table):
+    /// what `qemu-img commit` does to the overlay once its data is in the backing file (QEMU's
+    /// own QED driver cannot). NEED_CHECK is on disk before the first entry is dropped, so a
+    /// crash at any point leaves an image whose every cluster reads its old contents or the
+    /// backing file's, and which the next open repairs.
+    pub fn make_empty(&self) -> Result<()> {
+        self.shared.check_writable()?;
+        let _all = self.shared.gate.exclusive();
+        self.shared.make_empty()
     }
 }
 
@@ -87,6 +105,19 @@ impl Shared {
         self.drop_entries_from(new_size)?;
         self.write_back()?;
         self.check_after_drop()
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        // Tables written back first: the ones forgotten below are clean.
+        self.write_back()?;
+        if self.drop_entries_from(0)? {
+            // The write-back sets NEED_CHECK (flushed) before the cleared L1 goes out, and
+            // ends with a flush: the cleared L1 is durable before the repair cuts the file
+            // under the tables it led to.
+            self.write_back()?;
+            self.check_after_drop()?;
+        }
+        Ok(())
     }
 
     /// Reclaims the clusters that dropped entries held (a repair: data moved down, tables
@@ -144,7 +175,7 @@ impl Shared {
         Ok(dropped)
     }
 
-    fn set_backing(&self, new: Option<NewBacking>) -> Result<()> {
+    fn set_backing(&self, new: Option<NewBacking>, open_named: bool) -> Result<()> {
         let old = self.header.current();
         let header_bytes = self.valid.header_bytes();
         let name_offset = HEADER_LEN as u64;
@@ -172,7 +203,7 @@ impl Shared {
                 }
                 let layer = match (new.layer, &self.path) {
                     (Some(layer), _) => Some(layer),
-                    (None, Some(path)) => {
+                    (None, Some(path)) if open_named => {
                         let resolved = resolve_backing_name(path, &new.name);
                         let options = OpenOptions {
                             cache: crate::storage::CacheMode::Writeback,
@@ -180,7 +211,7 @@ impl Shared {
                         };
                         Some(BackingLayer::open(&resolved, new.format, &options)?)
                     }
-                    (None, None) => None,
+                    (None, _) => None,
                 };
                 (Some(new.name), new.format, layer)
             }
@@ -206,6 +237,9 @@ impl Shared {
                     ))
                 })?
         };
+        // Barrier (write-back ends with a flush): data copied into the image for the new
+        // backing file (a safe rebase) is durable, with its tables, before the header names it.
+        self.write_back()?;
         let change = |h: &mut Header| {
             h.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
             h.backing_filename_offset = offset as u32;

@@ -346,3 +346,231 @@ pub fn made_images(dir: &Path) -> Vec<String> {
     .map(|s| s.to_string())
     .collect()
 }
+
+/// A link named `qemu-img` to the `qed` binary, in a directory of its own under `dir`: run
+/// through it, `qed` is qemu-img (`qemu-img ARGS` = `qed ARGS`).
+pub fn qed_as_qemu_img(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let link = bin.join("qemu-img");
+    if !link.exists() {
+        std::os::unix::fs::symlink(qed_path(), &link).expect("qemu-img link");
+    }
+    link
+}
+
+/// Two scratch directories holding the same files, one for QEMU's qemu-img and one for ours
+/// (`qed` invoked as `qemu-img`), so that the same command runs on copies of the same images.
+pub struct Twins {
+    root: tempfile::TempDir,
+    make: fn(&Path),
+    /// Where QEMU's qemu-img runs.
+    pub qemu: PathBuf,
+    /// Where ours runs.
+    pub ours: PathBuf,
+    /// The `qemu-img` link to `qed`.
+    pub tool: PathBuf,
+}
+
+impl Twins {
+    /// Makes the files with `make` (run in each directory).
+    pub fn new(make: fn(&Path)) -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let tool = qed_as_qemu_img(root.path());
+        let twins = Self {
+            qemu: root.path().join("qemu"),
+            ours: root.path().join("ours"),
+            root,
+            make,
+            tool,
+        };
+        twins.reset();
+        twins
+    }
+
+    /// The directory both scratch directories live in.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Makes the files again, from scratch, in both directories.
+    pub fn reset(&self) {
+        for dir in [&self.qemu, &self.ours] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).expect("remove scratch dir");
+            }
+            std::fs::create_dir_all(dir).expect("scratch dir");
+            (self.make)(dir);
+        }
+    }
+
+    /// Runs `qemu-img ARGS` in QEMU's directory and ours; returns (QEMU's, ours).
+    pub fn run(&self, args: &[&str]) -> (Output, Output) {
+        let tool = self.tool.display().to_string();
+        (
+            run_in(&self.qemu, "qemu-img", args),
+            run_in(&self.ours, &tool, args),
+        )
+    }
+}
+
+/// How much of stderr two runs must share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stderr {
+    /// The same text.
+    Same,
+    /// The same first line.
+    FirstLine,
+    /// Both empty or both not.
+    Either,
+    /// Not compared (qemu-img draws its progress bar even when stderr is not a terminal).
+    Ignore,
+}
+
+/// Asserts that two runs of `args` (QEMU's, ours) exit alike and print the same on stdout,
+/// and on stderr as `stderr` says.
+#[track_caller]
+pub fn assert_same_run(args: &[&str], qemu: &Output, ours: &Output, stderr_check: Stderr) {
+    let show = || {
+        format!(
+            "{args:?}\nqemu-img: rc {} stdout {:?} stderr {:?}\nours:     rc {} stdout {:?} stderr {:?}",
+            code(qemu),
+            stdout(qemu),
+            stderr(qemu),
+            code(ours),
+            stdout(ours),
+            stderr(ours)
+        )
+    };
+    assert_eq!(code(qemu), code(ours), "exit codes differ: {}", show());
+    assert_eq!(stdout(qemu), stdout(ours), "stdout differs: {}", show());
+    let (q, o) = (stderr(qemu), stderr(ours));
+    // qemu-img warns about probed raw images; that warning is not part of the comparison.
+    let q = without_probe_warning(&q);
+    match stderr_check {
+        Stderr::Same => assert_eq!(q, o, "stderr differs: {}", show()),
+        Stderr::FirstLine => assert_eq!(
+            q.lines().next(),
+            o.lines().next(),
+            "stderr differs: {}",
+            show()
+        ),
+        Stderr::Either => assert_eq!(q.is_empty(), o.is_empty(), "stderr: {}", show()),
+        Stderr::Ignore => {}
+    }
+}
+
+/// qemu-img's stderr without its warning about a raw image whose format was probed.
+pub fn without_probe_warning(text: &str) -> String {
+    let mut out = String::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.starts_with("WARNING: Image format was not specified") {
+            // Two more lines belong to it.
+            lines.next();
+            lines.next();
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether `qemu-img compare` finds `a` and `b` (paths) identical.
+pub fn same_contents(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .arg("-q")
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run qemu-img compare");
+    code(&out) == 0
+}
+
+/// The backing chain the interop tests of rebase and commit work on, made with qemu-img and
+/// qemu-io: `base.raw` (2 MiB, data in its first MiB and at 1.5 MiB), `mid.qed` over it
+/// (4 KiB clusters, data, zero clusters over base data), `top.qed` over `mid.qed` (3 MiB:
+/// larger than the chain under it; data, a partial cluster, a zero cluster, data past the end
+/// of the layers below), `other.qed` (no backing file, 4 KiB clusters) and `sub/deep.qed`
+/// over `../top.qed`.
+pub fn make_chain(dir: &Path) {
+    let img = |args: &[&str]| {
+        run_ok(dir, "qemu-img", args);
+    };
+    img(&["create", "-q", "-f", "raw", "base.raw", "2M"]);
+    qemu_io_ok(
+        dir,
+        "raw",
+        "base.raw",
+        &["write -P 1 0 1M", "write -P 7 1536k 64k"],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "mid.qed",
+        "2M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "mid.qed",
+        &[
+            "write -P 2 512k 256k",
+            "write -z 1536k 64k",
+            "write -z 64k 64k",
+        ],
+    );
+    img(&[
+        "create", "-q", "-f", "qed", "-b", "mid.qed", "-F", "qed", "top.qed", "3M",
+    ]);
+    qemu_io_ok(
+        dir,
+        "qed",
+        "top.qed",
+        &[
+            "write -P 3 0 64k",
+            "write -P 4 2M 64k",
+            "write -z 256k 64k",
+            "write -P 5 1100k 4k",
+        ],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4k",
+        "other.qed",
+        "2M",
+    ]);
+    qemu_io_ok(dir, "qed", "other.qed", &["write -P 9 256k 1M"]);
+    std::fs::create_dir_all(dir.join("sub")).expect("sub");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        "../top.qed",
+        "-F",
+        "qed",
+        "sub/deep.qed",
+    ]);
+    qemu_io_ok(dir, "qed", "sub/deep.qed", &["write -P 6 1M 64k"]);
+}
+
+/// Copies `file` (in `dir`) to `copy` next to it.
+pub fn copy_file(dir: &Path, file: &str, copy: &str) {
+    std::fs::copy(dir.join(file), dir.join(copy)).unwrap_or_else(|e| panic!("copy {file}: {e}"));
+}

@@ -2,6 +2,7 @@
 //! chain, or a raw file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backing::BackingFormat;
 use crate::image::probe_format;
@@ -15,7 +16,8 @@ use super::SECTOR;
 /// at open rounded up to whole sectors, as QEMU sees it (the partial tail reads as zeros).
 pub struct RawDisk {
     storage: Box<dyn Storage>,
-    size: u64,
+    /// Changes only through [`Disk::set_size`].
+    pub(crate) size: AtomicU64,
     writable: bool,
     path: Option<PathBuf>,
 }
@@ -36,7 +38,7 @@ impl RawDisk {
         let len = storage.len().map_err(Error::io("length", 0))?;
         Ok(Self {
             storage,
-            size: sector_rounded(len),
+            size: AtomicU64::new(sector_rounded(len)),
             writable,
             path: None,
         })
@@ -109,7 +111,7 @@ impl Disk {
             .map_err(Error::io("set length", size))?;
         Ok(Self::Raw(RawDisk {
             storage: Box::new(storage),
-            size: sector_rounded(size),
+            size: AtomicU64::new(sector_rounded(size)),
             writable: true,
             path: Some(path.to_path_buf()),
         }))
@@ -135,7 +137,7 @@ impl Disk {
     pub fn size(&self) -> u64 {
         match self {
             Self::Qed(image) => image.size(),
-            Self::Raw(raw) => raw.size,
+            Self::Raw(raw) => raw.size.load(Ordering::Acquire),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Whole-disk operations shared by the command line and the NBD server: block status through
-//! a backing chain ([`Disk::block_status`]), `map`, `compare` and `convert`.
+//! a backing chain ([`Disk::block_status`]), `map`, `compare`, `convert`, `resize`,
+//! `rebase`, `commit`, `measure`, `dd` and `bench`.
 //!
 //! Each works on a [`Disk`]: a QED image with its backing chain, or a raw file. All of them
 //! walk the extent iterators (a raw file answers with `SEEK_DATA`/`SEEK_HOLE`), so a range no
@@ -11,18 +12,30 @@
 //! offset of `compare`), it is computed by QEMU's rules, so that the two tools agree on the
 //! same files.
 
+mod bench;
+mod commit;
 mod compare;
 mod convert;
+mod dd;
 mod disk;
 mod map;
+mod measure;
+mod rebase;
+mod resize;
 mod status;
 
+pub use bench::{bench, BenchError, BenchOptions, MAX_BUFFER_BYTES, MAX_WORKERS};
+pub use commit::{commit, CommitError, CommitOptions, CommitStats};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, Side};
 pub use convert::{
     convert, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
 };
+pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
 pub use disk::{Disk, RawDisk};
 pub use map::{map, MapEntries, MapEntry};
+pub use measure::{measure, measure_size, MeasureFormat, Measurement};
+pub use rebase::{rebase, RebaseError, RebaseOptions, RebaseStats};
+pub use resize::{new_size, resize, Preallocation, ResizeError, ResizeOptions, SizeChange};
 pub use status::{BlockStatus, BlockStatusIter, StatusKind};
 
 /// Bytes read or compared at a time (qemu-img's buffer size too).

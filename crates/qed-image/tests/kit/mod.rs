@@ -14,6 +14,7 @@
 //! | [`model`] | the reference disk [`SparseDisk`] and the checks of an image against it |
 //! | [`workload`] | crash/fault workloads: [`CrashConfig`], guest [`Windows`], [`GuestOp`] |
 //! | [`crash`] | [`RecordingStorage`] and the durability-contract checks |
+//! | [`joint`] | crash states of an operation on several files: [`Timeline`], [`explore_joint`] |
 //! | [`panics`] | caught panics as text |
 
 #![allow(dead_code, unused_imports)]
@@ -22,6 +23,7 @@ pub mod contents;
 pub mod crash;
 pub mod files;
 pub mod images;
+pub mod joint;
 pub mod map;
 pub mod model;
 pub mod oracle;
@@ -34,6 +36,7 @@ pub use contents::*;
 pub use crash::*;
 pub use files::*;
 pub use images::*;
+pub use joint::*;
 pub use map::*;
 pub use model::*;
 pub use oracle::*;
