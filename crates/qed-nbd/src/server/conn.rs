@@ -4,6 +4,7 @@
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
@@ -164,6 +165,21 @@ struct Outgoing {
     cost: usize,
 }
 
+/// The reader's side of the replies: the writer's queue, the budget replies give back once
+/// sent, and whether the client can still be answered.
+struct Outbox {
+    replies: Sender<Outgoing>,
+    budget: Arc<Budget>,
+    /// Set by the writer once a reply could not be sent: nothing more reaches the client.
+    lost: Arc<AtomicBool>,
+}
+
+impl Outbox {
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
 fn transmission(
     reader: Input,
     writer: Output,
@@ -180,6 +196,8 @@ fn transmission(
     let (replies, outgoing) = channel::<Outgoing>();
     let writer_budget = Arc::clone(&budget);
     let writer_socket = socket;
+    let lost = Arc::new(AtomicBool::new(false));
+    let writer_lost = Arc::clone(&lost);
     let writer_thread = std::thread::Builder::new()
         .name("nbd-writer".into())
         .spawn(move || {
@@ -187,8 +205,10 @@ fn transmission(
             let mut broken = false;
             for reply in outgoing {
                 if !broken && writer.write_all(&reply.bytes).is_err() {
-                    // The client is gone: stop the reader too; keep giving the budget back.
+                    // The client is gone: stop the reader too (it may hold many requests
+                    // already read, which must not run); keep giving the budget back.
                     broken = true;
+                    writer_lost.store(true, Ordering::Release);
                     let _ = writer_socket.shutdown(Shutdown::Both);
                 }
                 writer_budget.give(reply.cost);
@@ -209,20 +229,30 @@ fn transmission(
         contexts: !negotiated.contexts.is_empty(),
     };
     let mut input = io::Cursor::new(negotiated.leftover).chain(reader);
-    let result = requests(
-        &mut input, &replies, &budget, &session, &limits, image, pool,
-    );
+    let outbox = Outbox {
+        replies,
+        budget: Arc::clone(&budget),
+        lost,
+    };
+    let result = requests(&mut input, &outbox, &session, &limits, image, pool);
     // Finish what is in flight, then let the writer send it and stop.
     budget.drain();
-    drop(replies);
+    drop(outbox);
     let _ = writer_thread.join();
     result
 }
 
+/// The error that ends a connection whose replies can no longer be sent.
+fn replies_lost() -> End {
+    End::Io(io::Error::new(
+        ErrorKind::BrokenPipe,
+        "replies cannot be sent to the client",
+    ))
+}
+
 fn requests(
     input: &mut impl Read,
-    replies: &Sender<Outgoing>,
-    budget: &Arc<Budget>,
+    outbox: &Outbox,
     session: &Session,
     limits: &Limits,
     image: &Arc<dyn Export>,
@@ -231,6 +261,11 @@ fn requests(
     let session = Arc::new(session.clone());
     let mut header = vec![0u8; header_len(limits.mode)];
     loop {
+        // Requests the reader has buffered but not started are dropped once the client can
+        // no longer be answered (it left, or a stop closed its socket after the grace period).
+        if outbox.lost() {
+            return Err(replies_lost());
+        }
         if !read_header(input, &mut header)? {
             return Ok(());
         }
@@ -249,25 +284,29 @@ fn requests(
             io::copy(&mut input.take(request.payload), &mut io::sink())?;
             let mut bytes = Vec::new();
             failure(&mut bytes, to, error, "request refused");
-            budget.take(0);
-            let _ = replies.send(Outgoing { bytes, cost: 0 });
+            outbox.budget.take(0);
+            let _ = outbox.replies.send(Outgoing { bytes, cost: 0 });
             continue;
         }
         let cost = reply_cost(&request, &session);
         // Waits while the connection has its fill of requests in flight.
-        budget.take(cost);
+        outbox.budget.take(cost);
+        if outbox.lost() {
+            outbox.budget.give(cost);
+            return Err(replies_lost());
+        }
         let mut payload = Vec::new();
         if request.payload > 0 {
             // Checked against the maximum payload: at most 32 MiB.
             payload.resize(request.payload as usize, 0);
             if let Err(e) = input.read_exact(&mut payload) {
-                budget.give(cost);
+                outbox.budget.give(cost);
                 return Err(e.into());
             }
         }
         let image = Arc::clone(image);
         let session = Arc::clone(&session);
-        let replies = replies.clone();
+        let replies = outbox.replies.clone();
         pool.submit(move || {
             // A panic in the engine must still answer the request (and give its budget back),
             // or the connection would wait for it forever.
