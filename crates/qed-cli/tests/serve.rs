@@ -4,143 +4,11 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
+use common::served::*;
 use common::*;
-
-/// A running `qed serve`.
-struct Served {
-    child: Child,
-    uri: String,
-    pid_file: PathBuf,
-}
-
-impl Served {
-    /// Starts `qed serve ARGS... FILE` on a Unix socket in `dir` and waits until it listens.
-    fn unix(dir: &Path, args: &[&str], file: &str) -> Self {
-        let socket = dir.join(format!("nbd-{}.sock", std::process::id()));
-        let socket_text = socket.to_str().expect("utf-8 path").to_string();
-        let uri = format!("nbd+unix:///?socket={}", socket.display());
-        Self::start(dir, &["-k", &socket_text], args, file, uri)
-    }
-
-    /// Starts `qed serve -p PORT ARGS... FILE` on a free TCP port of 127.0.0.1.
-    fn tcp(dir: &Path, args: &[&str], file: &str) -> Self {
-        let port = free_port().to_string();
-        let uri = format!("nbd://127.0.0.1:{port}");
-        Self::start(dir, &["-b", "127.0.0.1", "-p", &port], args, file, uri)
-    }
-
-    /// Starts the server with `--pid-file` and waits for the file: it is written once the
-    /// socket listens (a probe connection would count as a client).
-    fn start(dir: &Path, endpoint: &[&str], args: &[&str], file: &str, uri: String) -> Self {
-        let pid_file = dir.join("qed-serve.pid");
-        let _ = std::fs::remove_file(&pid_file);
-        let pid_text = pid_file.to_str().expect("utf-8 path").to_string();
-        let mut all = vec!["serve", "--pid-file", pid_text.as_str()];
-        all.extend_from_slice(endpoint);
-        all.extend_from_slice(args);
-        all.push(file);
-        let child = spawn(dir, &all);
-        wait_for(|| std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with('\n')));
-        let pid: u32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert_eq!(pid, child.id());
-        Self {
-            child,
-            uri,
-            pid_file,
-        }
-    }
-
-    /// Sends SIGTERM and returns the exit code.
-    fn terminate(self) -> i32 {
-        self.signal("-TERM")
-    }
-
-    /// Sends a signal (`-INT`, `-TERM`) and returns the exit code.
-    fn signal(mut self, signal: &str) -> i32 {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        self.wait()
-    }
-
-    /// Waits (bounded) for the server to exit by itself; returns its exit code.
-    fn wait(&mut self) -> i32 {
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert!(!self.pid_file.exists(), "the pid file is removed at exit");
-                return status.code().unwrap_or(-1);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        panic!("qed serve did not exit within 10 s");
-    }
-}
-
-/// A child process killed when dropped (a failed assertion must not leave a server running).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn spawn(dir: &Path, args: &[&str]) -> Child {
-    Command::new(qed_path())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start qed serve")
-}
-
-/// Polls `ready` for up to 10 s.
-fn wait_for(mut ready: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("qed serve did not start listening within 10 s");
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind port 0")
-        .port()
-}
-
-fn create(dir: &Path, name: &str, size: &str) -> PathBuf {
-    let o = qed(dir, &["create", "-f", "qed", name, size]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    dir.join(name)
-}
 
 fn run_ok(dir: &Path, program: &str, args: &[&str]) -> String {
     let o = run_in(dir, program, args);
@@ -151,21 +19,6 @@ fn run_ok(dir: &Path, program: &str, args: &[&str]) -> String {
         stderr(&o)
     );
     stdout(&o)
-}
-
-/// `qemu-img check` exits 0 and `qemu-img info` shows no dirty flag.
-fn assert_clean(dir: &Path, file: &str) {
-    let o = run_in(dir, "qemu-img", &["check", "-f", "qed", file]);
-    assert_eq!(code(&o), 0, "qemu-img check: {}{}", stdout(&o), stderr(&o));
-    let info = run_ok(
-        dir,
-        "qemu-img",
-        &["info", "--output=json", "-f", "qed", file],
-    );
-    assert!(
-        !info.contains("\"dirty-flag\": true"),
-        "image left dirty: {info}"
-    );
 }
 
 #[test]

@@ -5,11 +5,13 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use qed_image::storage::MemoryStorage;
-use qed_image::{CreateParams, Image, OpenOptions};
+use qed_image::{CreateParams, Image, OpenOptions, ZeroFlags};
+use qed_nbd::export::{Export, Status};
 use qed_nbd::proto::consts::*;
 use qed_nbd::proto::{ExportConfig, Mode};
 use qed_nbd::server::{Endpoint, Server, ServerConfig, ShutdownHandle};
@@ -45,6 +47,10 @@ struct Running {
 }
 
 fn serve(image: Arc<Image>, configure: impl FnOnce(&mut ServerConfig)) -> Running {
+    serve_export(image, configure)
+}
+
+fn serve_export(image: Arc<dyn Export>, configure: impl FnOnce(&mut ServerConfig)) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
     let mut config = ServerConfig::new(ExportConfig::new("", 0));
@@ -61,6 +67,60 @@ fn serve(image: Arc<Image>, configure: impl FnOnce(&mut ServerConfig)) -> Runnin
         thread,
         _dir: dir,
     }
+}
+
+/// An image that counts the reads it serves.
+struct Counting {
+    image: Arc<Image>,
+    reads: AtomicUsize,
+}
+
+impl Export for Counting {
+    fn size(&self) -> u64 {
+        Export::size(&*self.image)
+    }
+    fn is_writable(&self) -> bool {
+        Export::is_writable(&*self.image)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qed_image::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Export::read_at(&*self.image, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> qed_image::Result<()> {
+        Export::write_at(&*self.image, buf, offset, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> qed_image::Result<()> {
+        Export::write_zeroes(&*self.image, offset, len, flags)
+    }
+    fn discard(&self, offset: u64, len: u64) -> qed_image::Result<()> {
+        Export::discard(&*self.image, offset, len)
+    }
+    fn flush(&self) -> qed_image::Result<()> {
+        Export::flush(&*self.image)
+    }
+    fn status(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+        holes: bool,
+    ) -> qed_image::Result<Vec<Status>> {
+        Export::status(&*self.image, offset, len, max, holes)
+    }
+}
+
+/// `n` compact read requests of `len` bytes at 0, as one buffer.
+fn reads(n: u64, len: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.extend(REQUEST_MAGIC.to_be_bytes());
+        v.extend(0u16.to_be_bytes());
+        v.extend(CMD_READ.to_be_bytes());
+        v.extend(i.to_be_bytes());
+        v.extend(0u64.to_be_bytes());
+        v.extend(len.to_be_bytes());
+    }
+    v
 }
 
 impl Running {
@@ -563,4 +623,55 @@ fn connections_past_the_limit_wait_for_a_free_slot() {
     assert_eq!(&greeting[..8], b"NBDMAGIC");
     drop(second);
     served.finish();
+}
+
+#[test]
+fn requests_already_read_are_dropped_once_replies_cannot_be_sent() {
+    // Regression: the reader went on running every request left in its 64 KiB buffer after
+    // the writer had lost the client, so a client that pipelined thousands of reads and left
+    // held its connection (and its -e slot) for thousands of reads nobody would take.
+    let counting = Arc::new(Counting {
+        image: image(true),
+        reads: AtomicUsize::new(0),
+    });
+    let served = serve_export(counting.clone(), |c| c.max_connections = 1);
+    let mut c = Client::connect(&served.path, Mode::Simple, &[]);
+    // 2000 requests fit the reader's buffer at once; the replies (1 MiB each) fill the
+    // socket after the first one.
+    c.s.write_all(&reads(2000, 1 << 20)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(c);
+    // The only slot frees once that connection has ended.
+    Client::connect(&served.path, Mode::Simple, &[]).disconnect();
+    let done = counting.reads.load(Ordering::SeqCst);
+    assert!(
+        done <= 64,
+        "{done} of 2000 reads ran for a client that had left"
+    );
+    served.finish();
+}
+
+#[test]
+fn a_stop_past_the_grace_period_drops_the_requests_left_unread() {
+    let counting = Arc::new(Counting {
+        image: image(true),
+        reads: AtomicUsize::new(0),
+    });
+    let served = serve_export(counting.clone(), |c| {
+        c.shutdown_grace = std::time::Duration::from_millis(200);
+    });
+    let mut c = Client::connect(&served.path, Mode::Simple, &[]);
+    c.s.write_all(&reads(2000, 1 << 20)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    served.stop.shutdown();
+    served.thread.join().unwrap().unwrap();
+    let done = counting.reads.load(Ordering::SeqCst);
+    assert!(done <= 64, "{done} of 2000 reads ran after the stop");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "the stop took {:?}",
+        start.elapsed()
+    );
+    drop(c);
 }

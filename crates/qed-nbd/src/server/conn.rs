@@ -4,6 +4,7 @@
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
@@ -159,13 +160,29 @@ fn handshake(io: &mut Io, config: &ServerConfig) -> Result<Option<Negotiated>, E
     }
 }
 
-/// Idle reply and payload buffers a connection keeps for reuse, at most.
-const IDLE_BUFFER_BYTES: usize = 8 << 20;
-
 /// A reply ready to send, and the budget it gives back once sent.
 struct Outgoing {
     bytes: Vec<u8>,
     cost: usize,
+}
+
+/// Idle reply and payload buffers a connection keeps for reuse, at most.
+const IDLE_BUFFER_BYTES: usize = 8 << 20;
+
+/// The reader's side of the replies: the writer's queue, the budget replies give back once
+/// sent, the buffers replies are built in, and whether the client can still be answered.
+struct Outbox {
+    replies: Sender<Outgoing>,
+    budget: Arc<Budget>,
+    buffers: Arc<Buffers>,
+    /// Set by the writer once a reply could not be sent: nothing more reaches the client.
+    lost: Arc<AtomicBool>,
+}
+
+impl Outbox {
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
 }
 
 fn transmission(
@@ -187,6 +204,8 @@ fn transmission(
     let writer_budget = Arc::clone(&budget);
     let writer_buffers = Arc::clone(&buffers);
     let writer_socket = socket;
+    let lost = Arc::new(AtomicBool::new(false));
+    let writer_lost = Arc::clone(&lost);
     let writer_thread = std::thread::Builder::new()
         .name("nbd-writer".into())
         .spawn(move || {
@@ -194,8 +213,10 @@ fn transmission(
             let mut broken = false;
             for reply in outgoing {
                 if !broken && writer.write_all(&reply.bytes).is_err() {
-                    // The client is gone: stop the reader too; keep giving the budget back.
+                    // The client is gone: stop the reader too (it may hold many requests
+                    // already read, which must not run); keep giving the budget back.
                     broken = true;
+                    writer_lost.store(true, Ordering::Release);
                     let _ = writer_socket.shutdown(Shutdown::Both);
                 }
                 writer_buffers.give(reply.bytes);
@@ -217,45 +238,44 @@ fn transmission(
         contexts: !negotiated.contexts.is_empty(),
     };
     let mut input = io::Cursor::new(negotiated.leftover).chain(reader);
-    let result = requests(
-        &mut input,
-        &Replies {
-            send: replies.clone(),
-            buffers,
-        },
-        &budget,
-        &session,
-        &limits,
-        image,
-        pool,
-    );
+    let outbox = Outbox {
+        replies,
+        budget: Arc::clone(&budget),
+        buffers,
+        lost,
+    };
+    let result = requests(&mut input, &outbox, &session, &limits, image, pool);
     // Finish what is in flight, then let the writer send it and stop.
     budget.drain();
-    drop(replies);
+    drop(outbox);
     let _ = writer_thread.join();
     result
 }
 
-/// Where replies go (to the writer thread), and the buffers they are built in.
-struct Replies {
-    send: Sender<Outgoing>,
-    buffers: Arc<Buffers>,
+/// The error that ends a connection whose replies can no longer be sent.
+fn replies_lost() -> End {
+    End::Io(io::Error::new(
+        ErrorKind::BrokenPipe,
+        "replies cannot be sent to the client",
+    ))
 }
 
 fn requests(
     input: &mut impl Read,
-    replies: &Replies,
-    budget: &Arc<Budget>,
+    outbox: &Outbox,
     session: &Session,
     limits: &Limits,
     image: &Arc<dyn Export>,
     pool: &Pool,
 ) -> Result<(), End> {
     let session = Arc::new(session.clone());
-    let buffers = &replies.buffers;
-    let replies = &replies.send;
     let mut header = vec![0u8; header_len(limits.mode)];
     loop {
+        // Requests the reader has buffered but not started are dropped once the client can
+        // no longer be answered (it left, or a stop closed its socket after the grace period).
+        if outbox.lost() {
+            return Err(replies_lost());
+        }
         if !read_header(input, &mut header)? {
             return Ok(());
         }
@@ -274,58 +294,65 @@ fn requests(
             io::copy(&mut input.take(request.payload), &mut io::sink())?;
             let mut bytes = Vec::new();
             failure(&mut bytes, to, error, "request refused");
-            budget.take(0);
-            let _ = replies.send(Outgoing { bytes, cost: 0 });
+            outbox.budget.take(0);
+            let _ = outbox.replies.send(Outgoing { bytes, cost: 0 });
             continue;
         }
         let cost = reply_cost(&request, &session);
         // Waits while the connection has its fill of requests in flight.
-        budget.take(cost);
-        let mut payload = buffers.take();
+        outbox.budget.take(cost);
+        if outbox.lost() {
+            outbox.budget.give(cost);
+            return Err(replies_lost());
+        }
+        let mut payload = outbox.buffers.take();
         if request.payload > 0 {
             // Checked against the maximum payload: at most 32 MiB.
             payload.resize(request.payload as usize, 0);
             if let Err(e) = input.read_exact(&mut payload) {
-                budget.give(cost);
+                outbox.budget.give(cost);
                 return Err(e.into());
             }
         }
-        if runs_inline(&request, budget) {
+        if runs_inline(&request, &outbox.budget) {
             // Nothing else is in flight on this connection (a client at queue depth 1): a
             // short request runs here, saving a hand-off to a worker and back.
-            let out = buffers.take();
-            let bytes = panic::catch_unwind(AssertUnwindSafe(|| {
-                execute(&**image, &session, &request, &payload, out)
-            }))
-            .unwrap_or_else(|_| {
-                let mut bytes = Vec::new();
-                failure(&mut bytes, to, EIO, "internal error");
-                bytes
-            });
-            buffers.give(payload);
-            let _ = replies.send(Outgoing { bytes, cost });
+            let bytes = run_one(&**image, &session, &request, &payload, &outbox.buffers, to);
+            outbox.buffers.give(payload);
+            let _ = outbox.replies.send(Outgoing { bytes, cost });
             continue;
         }
         let image = Arc::clone(image);
         let session = Arc::clone(&session);
-        let replies = replies.clone();
-        let buffers = Arc::clone(buffers);
+        let replies = outbox.replies.clone();
+        let buffers = Arc::clone(&outbox.buffers);
         pool.submit(move || {
-            // A panic in the engine must still answer the request (and give its budget back),
-            // or the connection would wait for it forever.
-            let out = buffers.take();
-            let bytes = panic::catch_unwind(AssertUnwindSafe(|| {
-                execute(&*image, &session, &request, &payload, out)
-            }))
-            .unwrap_or_else(|_| {
-                let mut bytes = Vec::new();
-                failure(&mut bytes, to, EIO, "internal error");
-                bytes
-            });
+            let bytes = run_one(&*image, &session, &request, &payload, &buffers, to);
             buffers.give(payload);
             let _ = replies.send(Outgoing { bytes, cost });
         });
     }
+}
+
+/// Runs one request into a buffer of `buffers`. A panic in the engine must still answer the
+/// request (and so give its budget back), or the connection would wait for it forever.
+fn run_one(
+    image: &dyn Export,
+    session: &Session,
+    request: &crate::proto::Request,
+    payload: &[u8],
+    buffers: &Buffers,
+    to: ReplyTo,
+) -> Vec<u8> {
+    let out = buffers.take();
+    panic::catch_unwind(AssertUnwindSafe(|| {
+        execute(image, session, request, payload, out)
+    }))
+    .unwrap_or_else(|_| {
+        let mut bytes = Vec::new();
+        failure(&mut bytes, to, EIO, "internal error");
+        bytes
+    })
 }
 
 /// The longest request run on the reader thread when it is the only one in flight.
