@@ -22,6 +22,7 @@ mod options;
 mod progress;
 mod serve;
 mod size;
+mod snapshot;
 mod text;
 
 use std::ffi::OsString;

@@ -18,8 +18,8 @@ use signal_hook::iterator::Signals;
 use crate::error::{open_failure, CliError, CliResult};
 
 mod fork;
-mod snapshot;
 use crate::format::ImageFormat;
+use crate::snapshot::Overlay;
 
 /// Connections served at once when `-e 0` asks for no limit.
 const MAX_SHARED: usize = 256;
@@ -199,7 +199,12 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     let cache = cache_mode(&args.cache)?;
     // With -s the export is a temporary overlay on FILE, removed when the server stops.
     let overlay = if args.snapshot {
-        Some(snapshot::Overlay::create(&args.file, format)?)
+        Some(Overlay::create(&args.file, format).map_err(|e| {
+            CliError::new(
+                format!("snapshot of '{}'", args.file.display()),
+                open_failure(&e),
+            )
+        })?)
     } else {
         None
     };
