@@ -810,12 +810,15 @@ fn writethrough_writes_survive_a_kill() {
     }
 }
 
+/// Prepares a run's directory.
+type Setup = dyn Fn(&Path);
+
 #[test]
 fn errors_in_qemu_words() {
     if !qemu_io_present() {
         return;
     }
-    let setups: &[(&str, &dyn Fn(&Path))] = &[
+    let setups: &[(&str, &Setup)] = &[
         ("nothing", &|_| {}),
         ("missing backing", &|d: &Path| {
             run_ok(
