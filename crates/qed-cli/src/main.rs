@@ -28,6 +28,7 @@ mod rebase;
 mod resize;
 mod serve;
 mod size;
+mod snapshot;
 mod text;
 
 use std::ffi::OsString;
@@ -163,11 +164,22 @@ fn arguments() -> Vec<OsString> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(arguments()) {
+    let args = arguments();
+    // qemu-io's command line is parsed by qemu-io's rules (a `--` and everything after it
+    // included), not by clap.
+    if args.get(1).is_some_and(|a| a == "io") {
+        return finish(io::run_words(&args[2..]));
+    }
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => return report_usage_error(&e),
     };
-    match run(&cli) {
+    finish(run(&cli))
+}
+
+/// The exit code of a run, its error printed.
+fn finish(result: Result<i32, CliError>) -> ExitCode {
+    match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             // A write error is ignored: stderr may be a pipe nobody reads (`serve --fork`).

@@ -1,295 +1,104 @@
-//! `qed io`: qemu-io for QED (and raw) images. Runs the `-c` commands in order on one open
-//! image (or reads commands from stdin when there are none) and exits 1 if any failed.
+//! `qed io`: qemu-io for QED (and raw) images. Parses qemu-io's command line, opens the image
+//! (if one is named), runs the `-c` commands in order, or reads commands from stdin when
+//! there are none (with the `qemu-io> ` prompt, as qemu-io prints it), waits for requests in
+//! flight, closes the image, and exits 1 if any command failed.
 //!
-//! Lines qemu-io prints on stdout are printed identically; what it prints on stderr gets the
-//! tool's `qed: ` prefix, and failed operations add the engine's detailed reason there.
+//! Every line qemu-io 10 prints is printed identically, on the same stream. Invoked as `qed`
+//! (not as `qemu-io`), failed operations add the engine's detailed reason on stderr.
 
+mod args;
 mod commands;
+mod console;
+mod disk;
+mod events;
+mod flags;
 mod getopt;
+mod session;
 mod target;
 
-use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::io::IsTerminal;
 
-use crate::error::{CliError, CliResult};
-use crate::format::ImageFormat;
-use target::Target;
+use crate::error::CliResult;
+use commands::{run_command, Ctx, Outcome};
+use console::Console;
+use session::{parse_options, OpenRequest};
 
-/// Arguments of `qed io`.
+/// The prompt qemu-io prints before it reads a command from stdin.
+const PROMPT: &str = "qemu-io> ";
+
+/// Arguments of `qed io`: qemu-io's command line, parsed by qemu-io's rules (see `docs/cli.md`).
 #[derive(Debug, clap::Args)]
+#[command(disable_help_flag = true)]
 pub struct IoArgs {
-    /// Format of the image (probed by the QED magic when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
-    pub format: Option<ImageFormat>,
-    /// Open read-only.
-    #[arg(short = 'r', long = "read-only")]
-    pub read_only: bool,
-    /// Open read-only without taking the image lock (for images in use).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
-    /// A command to run (repeatable): read, write, discard, flush, map, length, help.
-    #[arg(short = 'c', long = "cmd", value_name = "CMD")]
-    pub commands: Vec<String>,
-    /// The image file.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// qemu-io's options, commands and FILE (`qed io -h` lists them).
+    #[arg(
+        value_name = "ARGS",
+        num_args = 0..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_parser = clap::value_parser!(OsString)
+    )]
+    pub args: Vec<OsString>,
 }
 
-/// Where command output goes: stdout for what qemu-io prints there, stderr for the rest.
-pub struct Console<'a> {
-    out: &'a mut dyn Write,
-    err: &'a mut dyn Write,
+/// Runs `qed io` as parsed by clap (not reached: `main` hands the words over first).
+pub fn run(args: &IoArgs) -> CliResult<i32> {
+    run_words(&args.args)
 }
 
-impl<'a> Console<'a> {
-    /// A console writing to the given streams.
-    pub fn new(out: &'a mut dyn Write, err: &'a mut dyn Write) -> Self {
-        Self { out, err }
-    }
-
-    /// Prints to stdout.
-    pub fn out(&mut self, text: &str) {
-        // A closed stdout is not the image's problem; the exit code still tells.
-        let _ = self.out.write_all(text.as_bytes());
-    }
-
-    /// Prints to stderr, after what stdout holds so far.
-    pub fn err(&mut self, text: &str) {
-        let _ = self.out.flush();
-        let _ = self.err.write_all(text.as_bytes());
-    }
-}
-
-/// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// It did what was asked.
-    Done,
-    /// It failed (the exit code becomes 1).
-    Failed,
-    /// `quit`: run no further commands.
-    Quit,
-}
-
-type Handler = fn(&Target, &mut Console<'_>, &[String]) -> Outcome;
-
-/// One command of the table.
-struct CommandInfo {
-    name: &'static str,
-    altname: Option<&'static str>,
-    argmin: usize,
-    argmax: Option<usize>,
-    args: Option<&'static str>,
-    oneline: &'static str,
-    writes: bool,
-    handler: Handler,
-}
-
-const COMMANDS: &[CommandInfo] = &[
-    CommandInfo {
-        name: "discard",
-        altname: Some("d"),
-        argmin: 2,
-        argmax: None,
-        args: Some("[-Cq] off len"),
-        oneline: "discards a number of bytes at a specified offset",
-        writes: true,
-        handler: commands::discard,
-    },
-    CommandInfo {
-        name: "flush",
-        altname: Some("f"),
-        argmin: 0,
-        argmax: Some(0),
-        args: None,
-        oneline: "flush all in-core file state to disk",
-        writes: false,
-        handler: commands::flush,
-    },
-    CommandInfo {
-        name: "help",
-        altname: Some("?"),
-        argmin: 0,
-        argmax: Some(1),
-        args: Some("[command]"),
-        oneline: "help for one or all commands",
-        writes: false,
-        handler: help,
-    },
-    CommandInfo {
-        name: "length",
-        altname: Some("l"),
-        argmin: 0,
-        argmax: Some(0),
-        args: None,
-        oneline: "gets the length of the current file",
-        writes: false,
-        handler: commands::length,
-    },
-    CommandInfo {
-        name: "map",
-        altname: None,
-        argmin: 0,
-        argmax: Some(0),
-        args: Some(""),
-        oneline: "prints the allocated areas of a file",
-        writes: false,
-        handler: commands::map,
-    },
-    CommandInfo {
-        name: "quit",
-        altname: Some("q"),
-        argmin: 0,
-        argmax: Some(0),
-        args: None,
-        oneline: "exit the program",
-        writes: false,
-        handler: quit,
-    },
-    CommandInfo {
-        name: "read",
-        altname: Some("r"),
-        argmin: 2,
-        argmax: None,
-        args: Some("[-Cqv] [-P pattern [-s off] [-l len]] off len"),
-        oneline: "reads a number of bytes at a specified offset",
-        writes: false,
-        handler: commands::read,
-    },
-    CommandInfo {
-        name: "write",
-        altname: Some("w"),
-        argmin: 2,
-        argmax: None,
-        args: Some("[-cCfnquz] [-P pattern | -s source_file] off len"),
-        oneline: "writes a number of bytes at a specified offset",
-        writes: true,
-        handler: commands::write,
-    },
-];
-
-fn find_command(name: &str) -> Option<&'static CommandInfo> {
-    COMMANDS
+/// Runs `qed io` on its arguments (after `io`); returns the exit code.
+pub fn run_words(args: &[OsString]) -> CliResult<i32> {
+    let words: Vec<String> = args
         .iter()
-        .find(|c| c.name == name || c.altname == Some(name))
-}
-
-/// Prints the usage line of `name` (qemu-io prints it on stdout) and fails.
-pub fn usage(con: &mut Console<'_>, name: &str) -> Outcome {
-    if let Some(cmd) = find_command(name) {
-        con.out(&format!(
-            "{} {} -- {}\n",
-            cmd.name,
-            cmd.args.unwrap_or_default(),
-            cmd.oneline
-        ));
-    }
-    Outcome::Failed
-}
-
-fn help_line(cmd: &CommandInfo) -> String {
-    match cmd.args {
-        Some(args) => format!("{} {args} -- {}\n", cmd.name, cmd.oneline),
-        None => format!("{} -- {}\n", cmd.name, cmd.oneline),
-    }
-}
-
-fn help(_target: &Target, con: &mut Console<'_>, args: &[String]) -> Outcome {
-    match args.first() {
-        Some(name) => match find_command(name) {
-            Some(cmd) => {
-                con.out(&help_line(cmd));
-                Outcome::Done
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+    let (mut out, mut err) = (stdout.lock(), stderr.lock());
+    let mut con = Console::new(&mut out, &mut err);
+    let options = match args::parse(&words, &mut con) {
+        args::Parsed::Run(options) => options,
+        args::Parsed::Exit(code) => return Ok(code),
+    };
+    let mut ctx = Ctx::new(con, options.image_opts);
+    if let Some(file) = &options.file {
+        let request = if options.image_opts {
+            OpenRequest {
+                name: None,
+                format: None,
+                flags: options.flags,
+                options: parse_options(file, &mut ctx.con),
             }
-            None => {
-                con.out(&format!("command {name} not found\n"));
-                Outcome::Failed
+        } else {
+            OpenRequest {
+                name: Some(file.clone()),
+                format: options.format.clone(),
+                flags: options.flags,
+                options: Vec::new(),
             }
-        },
-        None => {
-            for cmd in COMMANDS {
-                con.out(&help_line(cmd));
-            }
-            con.out("\nUse 'help commandname' for extended help.\n");
-            Outcome::Done
+        };
+        if !ctx.open_session(request) {
+            return Ok(1);
         }
     }
-}
-
-fn quit(_target: &Target, _con: &mut Console<'_>, _args: &[String]) -> Outcome {
-    Outcome::Quit
-}
-
-/// Runs one command line (words separated by spaces, as qemu-io splits them).
-pub fn run_command(target: &Target, con: &mut Console<'_>, line: &str) -> Outcome {
-    let words: Vec<String> = line
-        .split(' ')
-        .filter(|w| !w.is_empty())
-        .map(str::to_string)
-        .collect();
-    let Some((name, args)) = words.split_first() else {
-        return Outcome::Done;
+    let mut failed = if options.commands.is_empty() {
+        run_stdin(&mut ctx)
+    } else {
+        run_all(&mut ctx, &options.commands)
     };
-    let Some(cmd) = find_command(name) else {
-        con.err(&format!(
-            "{}: command \"{name}\" not found\n",
-            crate::prog()
-        ));
-        return Outcome::Failed;
-    };
-    let argc = args.len();
-    if argc < cmd.argmin || cmd.argmax.is_some_and(|max| argc > max) {
-        let expected = match cmd.argmax {
-            None => format!("at least {} arguments", cmd.argmin),
-            Some(max) if max == cmd.argmin => format!("{max} arguments"),
-            Some(max) => format!("between {} and {max} arguments", cmd.argmin),
-        };
-        con.err(&format!(
-            "{}: bad argument count {argc} to {name}, expected {expected}\n",
-            crate::prog()
-        ));
-        return Outcome::Failed;
+    // As qemu-io: every request in flight completes before the image is closed.
+    if ctx.close() == Outcome::Failed {
+        failed = true;
     }
-    if cmd.writes && !target.is_writable() {
-        con.err(&format!("{}: Block node is read-only\n", crate::prog()));
-        return Outcome::Failed;
-    }
-    (cmd.handler)(target, con, args)
-}
-
-/// Runs `qed io`; returns the exit code.
-pub fn run(args: &IoArgs) -> CliResult<i32> {
-    let name = args.file.display().to_string();
-    let writable = !(args.read_only || args.force_share);
-    let target = Target::open(&args.file, args.format, writable, args.force_share)
-        .map_err(|why| CliError::new(format!("can't open device {name}"), why))?;
-    let failed = {
-        let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-        let (mut out, mut err) = (stdout.lock(), stderr.lock());
-        let mut con = Console::new(&mut out, &mut err);
-        let failed = if args.commands.is_empty() {
-            run_stdin(&target, &mut con)
-        } else {
-            run_all(&target, &mut con, args.commands.iter().map(String::as_str))
-        };
-        let _ = con.out.flush();
-        failed
-    };
-    if let Err(e) = target.close() {
-        return Err(CliError::new(format!("closing {name}"), e));
-    }
+    ctx.con.flush();
     Ok(i32::from(failed))
 }
 
-/// Runs command lines until the end or `quit`; returns whether any failed.
-fn run_all<'l>(
-    target: &Target,
-    con: &mut Console<'_>,
-    lines: impl IntoIterator<Item = &'l str>,
-) -> bool {
+/// Runs the `-c` commands until the end or `quit`; returns whether any failed.
+fn run_all(ctx: &mut Ctx<'_>, lines: &[String]) -> bool {
     let mut failed = false;
     for line in lines {
-        match run_command(target, con, line) {
+        match run_command(ctx, line) {
             Outcome::Done => {}
             Outcome::Failed => failed = true,
             Outcome::Quit => break,
@@ -298,28 +107,27 @@ fn run_all<'l>(
     failed
 }
 
-/// Reads command lines from stdin (with a prompt on a terminal); returns whether any failed.
-fn run_stdin(target: &Target, con: &mut Console<'_>) -> bool {
-    let stdin = std::io::stdin();
-    let interactive = stdin.is_terminal();
+/// Reads commands from stdin, each after the prompt; returns whether any failed.
+fn run_stdin(ctx: &mut Ctx<'_>) -> bool {
+    let terminal = std::io::stdin().is_terminal();
     let mut failed = false;
     loop {
-        if interactive {
-            con.out("qed io> ");
-            let _ = con.out.flush();
-        }
-        let mut line = String::new();
-        match stdin.lock().read_line(&mut line) {
-            Ok(0) => return failed,
-            Ok(_) => match run_command(target, con, line.trim_end_matches(['\n', '\r'])) {
-                Outcome::Done => {}
-                Outcome::Failed => failed = true,
-                Outcome::Quit => return failed,
-            },
-            Err(e) => {
-                con.err(&format!("{}: reading commands: {e}\n", crate::prog()));
-                return true;
+        ctx.con.out(PROMPT);
+        ctx.con.flush();
+        let Some(line) = ctx.events.next_line(&mut ctx.con) else {
+            if terminal {
+                // The end of input (^D) leaves the cursor after the prompt otherwise.
+                ctx.con.out("\n");
             }
+            return failed;
+        };
+        match run_command(ctx, &line) {
+            Outcome::Done => {}
+            Outcome::Failed => failed = true,
+            Outcome::Quit => return failed,
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,19 +1,20 @@
 //! What `qed io` runs commands on: a QED image through the engine, or a raw file directly.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage};
-use qed_image::{BackingPolicy, Error, ExtentKind, Image, OpenOptions, Result};
+use qed_image::storage::{FileOptions, FileStorage, LockMode, Storage};
+use qed_image::{BackingPolicy, Error, ExtentKind, Image, OpenOptions, Result, ZeroFlags};
 
-use crate::error::{open_failure, os_text};
+use super::flags::OpenFlags;
 use crate::format::{sector_rounded_len, ImageFormat};
 
-/// A raw disk image: guest byte N is file byte N; the size is the file length at open rounded
-/// up to whole sectors, as QEMU sees it.
+/// A raw disk image: guest byte N is file byte N; the size is the file length rounded up to
+/// whole sectors, as QEMU sees it.
 #[derive(Debug)]
 pub struct RawFile {
     storage: FileStorage,
-    size: u64,
+    size: AtomicU64,
     writable: bool,
 }
 
@@ -38,45 +39,67 @@ pub struct AllocationRun {
 }
 
 impl Target {
-    /// Opens `path` as `format` (probed when `None`); the error text says why it failed.
-    pub fn open(
-        path: &Path,
-        format: Option<ImageFormat>,
-        writable: bool,
-        force_share: bool,
-    ) -> std::result::Result<Self, String> {
-        let format = ImageFormat::resolve(path, format).map_err(|e| open_failure(&e))?;
+    /// Opens `path` as `format` with `flags` (read-only, cache, locks, backing file).
+    pub fn open(path: &Path, format: ImageFormat, flags: &OpenFlags) -> Result<Self> {
+        let writable = !flags.read_only;
         match format {
             ImageFormat::Qed => {
                 let options = OpenOptions {
                     writable,
-                    force_share,
-                    backing: BackingPolicy::Follow,
+                    force_share: flags.unlocked(),
+                    cache: flags.cache_mode(),
+                    backing: if flags.no_backing {
+                        BackingPolicy::Ignore
+                    } else {
+                        BackingPolicy::Follow
+                    },
                     ..OpenOptions::default()
                 };
-                Image::open(path, &options)
-                    .map(Target::Qed)
-                    .map_err(|e| open_failure(&e))
+                Image::open(path, &options).map(Target::Qed)
             }
             ImageFormat::Raw => {
-                let lock = LockMode::for_access(writable, force_share);
+                let lock = LockMode::for_access(writable, flags.unlocked());
                 let storage = FileStorage::open(
                     path,
                     &FileOptions {
                         writable,
                         create: false,
-                        cache: CacheMode::Writeback,
+                        cache: flags.cache_mode(),
                         lock,
                     },
                 )
-                .map_err(|e| os_text(&e))?;
-                let size = sector_rounded_len(storage.len().map_err(|e| os_text(&e))?);
+                .map_err(io_error("open", 0))?;
+                let len = storage.len().map_err(io_error("open", 0))?;
                 Ok(Target::Raw(RawFile {
                     storage,
-                    size,
+                    size: AtomicU64::new(sector_rounded_len(len)),
                     writable,
                 }))
             }
+        }
+    }
+
+    /// The image format.
+    pub fn format(&self) -> ImageFormat {
+        match self {
+            Self::Qed(_) => ImageFormat::Qed,
+            Self::Raw(_) => ImageFormat::Raw,
+        }
+    }
+
+    /// Bytes per cluster as QEMU's `info` reports it (0 for raw files).
+    pub fn cluster_size(&self) -> u64 {
+        match self {
+            Self::Qed(image) => image.cluster_size(),
+            Self::Raw(_) => 0,
+        }
+    }
+
+    /// The QED image, if this is one.
+    pub fn image(&self) -> Option<&Image> {
+        match self {
+            Self::Qed(image) => Some(image),
+            Self::Raw(_) => None,
         }
     }
 
@@ -92,7 +115,7 @@ impl Target {
     pub fn size(&self) -> u64 {
         match self {
             Self::Qed(image) => image.size(),
-            Self::Raw(raw) => raw.size,
+            Self::Raw(raw) => raw.size(),
         }
     }
 
@@ -123,30 +146,32 @@ impl Target {
         }
     }
 
-    /// Makes a range read as zeros; `unmap` lets a raw file give the space back.
+    /// Makes a range read as zeros; `unmap` lets the space be given back.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         match self {
-            Self::Qed(image) => image.write_zeroes_at(offset, len),
+            Self::Qed(image) => image.write_zeroes_with(
+                offset,
+                len,
+                ZeroFlags {
+                    may_unmap: unmap,
+                    fast_only: false,
+                },
+            ),
             Self::Raw(raw) => {
                 raw.check_writable()?;
                 raw.check_range(offset, len)?;
+                let file_len = raw.storage.len().map_err(io_error("length", 0))?;
+                // The sector tail past the end of the file reads as zeros already.
+                let len = len.min(file_len.saturating_sub(offset));
                 if unmap {
-                    return raw
-                        .storage
-                        .punch_hole(offset, len)
-                        .map_err(io_error("punch hole", offset));
-                }
-                const CHUNK: u64 = 1 << 20;
-                let zeros = vec![0u8; CHUNK.min(len) as usize];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(CHUNK);
                     raw.storage
-                        .write_at(&zeros[..n as usize], offset + done)
-                        .map_err(io_error("write", offset + done))?;
-                    done += n;
+                        .punch_hole(offset, len)
+                        .map_err(io_error("punch hole", offset))
+                } else {
+                    raw.storage
+                        .write_zeroes(offset, len)
+                        .map_err(io_error("write zeroes", offset))
                 }
-                Ok(())
             }
         }
     }
@@ -192,8 +217,8 @@ impl Target {
         };
         match self {
             Self::Raw(raw) => {
-                if raw.size > 0 {
-                    push(0, raw.size, true);
+                if raw.size() > 0 {
+                    push(0, raw.size(), true);
                 }
             }
             Self::Qed(image) => {
@@ -212,6 +237,41 @@ impl Target {
         (runs, None)
     }
 
+    /// Changes the virtual size (the engine's resize for QED, which can shrink; the file
+    /// length for raw files).
+    pub fn resize(&self, size: u64) -> Result<()> {
+        match self {
+            Self::Qed(image) => image.resize(size),
+            Self::Raw(raw) => {
+                raw.check_writable()?;
+                raw.storage
+                    .set_len(size)
+                    .map_err(io_error("truncate", size))?;
+                raw.size.store(sector_rounded_len(size), Ordering::Release);
+                Ok(())
+            }
+        }
+    }
+
+    /// How many bytes of `[offset, offset + len)` this image allocates (data or zero clusters;
+    /// everything in a raw file), as qemu-io's `alloc` adds up `bdrv_is_allocated`. The range
+    /// must lie inside the disk.
+    pub fn allocated_bytes(&self, offset: u64, len: u64) -> Result<u64> {
+        match self {
+            Self::Raw(_) => Ok(len),
+            Self::Qed(image) => {
+                let mut sum = 0;
+                for extent in image.extents(offset, len) {
+                    let extent = extent?;
+                    if !matches!(extent.kind, ExtentKind::Unallocated) {
+                        sum += extent.length;
+                    }
+                }
+                Ok(sum)
+            }
+        }
+    }
+
     /// Closes the image, writing back metadata (QED) and flushing.
     pub fn close(self) -> Result<()> {
         match self {
@@ -227,13 +287,17 @@ impl Target {
 }
 
 impl RawFile {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::OutOfRange {
                 offset,
                 len,
-                size: self.size,
+                size: self.size(),
             }),
         }
     }

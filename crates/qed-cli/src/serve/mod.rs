@@ -18,8 +18,8 @@ use crate::error::{open_failure, CliError, CliResult};
 mod activation;
 mod fork;
 mod list;
-mod snapshot;
 use crate::format::ImageFormat;
+use crate::snapshot::Overlay;
 
 /// Address listened on without `-b`.
 const DEFAULT_BIND: &str = "127.0.0.1";
@@ -256,7 +256,12 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     }
     // With -s the export is a temporary overlay on FILE, removed when the server stops.
     let overlay = if args.snapshot {
-        Some(snapshot::Overlay::create(file, format)?)
+        Some(Overlay::create(file, format).map_err(|e| {
+            CliError::new(
+                format!("snapshot of '{}'", file.display()),
+                open_failure(&e),
+            )
+        })?)
     } else {
         None
     };

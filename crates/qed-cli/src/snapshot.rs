@@ -1,11 +1,11 @@
-//! `qed serve -s`: a temporary QED overlay whose backing file is the image, so that the
-//! clients' writes never reach the image. The overlay is removed when the server stops.
+//! Temporary snapshots (`-s` of `qed serve` and `qed io`): a QED overlay in the temporary
+//! directory whose backing file is the image, so that writes never reach the image. The
+//! overlay file is removed when the [`Overlay`] is dropped.
 
 use std::path::{Path, PathBuf};
 
-use qed_image::{CreateParams, Image, OpenOptions};
+use qed_image::{CreateParams, Error, Image, OpenOptions};
 
-use crate::error::{open_failure, CliError, CliResult};
 use crate::format::{sector_rounded_len, ImageFormat};
 
 /// A temporary overlay file, removed on drop.
@@ -16,20 +16,27 @@ pub struct Overlay {
 
 impl Overlay {
     /// Creates an overlay in the temporary directory on `base` (of `format`), of its size.
-    pub fn create(base: &Path, format: ImageFormat) -> CliResult<Self> {
-        let what = || format!("snapshot of '{}'", base.display());
-        let absolute = std::fs::canonicalize(base).map_err(|e| CliError::new(what(), e))?;
+    /// Errors are the engine's: the base could not be opened (an [`Error::Io`] with op
+    /// `"open"` when the file itself is missing or unreadable), or the overlay not written.
+    pub fn create(base: &Path, format: ImageFormat) -> Result<Self, Error> {
+        let absolute = std::fs::canonicalize(base).map_err(|source| Error::Io {
+            op: "open",
+            offset: 0,
+            source,
+        })?;
         let name = absolute
             .to_str()
-            .ok_or_else(|| CliError::new(what(), "the image path is not UTF-8"))?
+            .ok_or_else(|| Error::InvalidArgument("the image path is not UTF-8".into()))?
             .to_string();
         let size = match format {
-            ImageFormat::Qed => Image::open(&absolute, &OpenOptions::read_only())
-                .map_err(|e| CliError::new(what(), open_failure(&e)))?
-                .size(),
+            ImageFormat::Qed => Image::open(&absolute, &OpenOptions::read_only())?.size(),
             ImageFormat::Raw => sector_rounded_len(
                 std::fs::metadata(&absolute)
-                    .map_err(|e| CliError::new(what(), e))?
+                    .map_err(|source| Error::Io {
+                        op: "open",
+                        offset: 0,
+                        source,
+                    })?
                     .len(),
             ),
         };
@@ -51,8 +58,7 @@ impl Overlay {
                 backing_file: Some(name),
                 backing_raw: format == ImageFormat::Raw,
             },
-        )
-        .map_err(|e| CliError::new(what(), open_failure(&e)))?;
+        )?;
         Ok(overlay)
     }
 

@@ -1,0 +1,399 @@
+//! Opening, closing and reopening the image of `qed io`, with qemu-io's checks and QEMU's
+//! words for what went wrong (`Could not open 'x': No such file or directory`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qed_image::format::FormatError;
+use qed_image::Error;
+
+use super::console::Console;
+use super::disk::Disk;
+use super::flags::OpenFlags;
+use super::target::Target;
+use crate::error::os_text;
+use crate::format::ImageFormat;
+use crate::snapshot::Overlay;
+
+/// The open image.
+#[derive(Debug)]
+pub struct Session {
+    disk: Arc<Disk>,
+    flags: OpenFlags,
+    /// The file the disk was opened from (the overlay with `-s`).
+    path: PathBuf,
+    format: ImageFormat,
+    /// With `-s`: the overlay, removed once the disk is closed.
+    overlay: Option<Overlay>,
+}
+
+/// What to open: a file name and flags, and options (`-o`, `--image-opts`).
+#[derive(Debug, Clone, Default)]
+pub struct OpenRequest {
+    /// The file as given (None: the options name it).
+    pub name: Option<String>,
+    /// The format (`-f` or `driver=`); probed when None.
+    pub format: Option<String>,
+    /// The flags.
+    pub flags: OpenFlags,
+    /// `key=value` options.
+    pub options: Vec<(String, String)>,
+}
+
+/// Parses a QEMU option string (`driver=qed,file.filename=a,,b`): comma-separated
+/// `key=value` pairs, `,,` a comma inside a value; a bare `key` is `key=on` (with QEMU's
+/// deprecation warning).
+pub fn parse_options(text: &str, con: &mut Console<'_>) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut item = String::new();
+        let mut chars = rest.char_indices().peekable();
+        let mut consumed = rest.len();
+        while let Some((i, c)) = chars.next() {
+            if c == ',' {
+                if matches!(chars.peek(), Some((_, ','))) {
+                    chars.next();
+                    item.push(',');
+                    continue;
+                }
+                consumed = i + 1;
+                break;
+            }
+            item.push(c);
+        }
+        rest = &rest[consumed..];
+        match item.split_once('=') {
+            Some((key, value)) => pairs.push((key.to_string(), value.to_string())),
+            None if item.is_empty() => {}
+            None => {
+                let (key, value) = match item.strip_prefix("no") {
+                    Some(key) if !key.is_empty() => (key.to_string(), "off"),
+                    _ => (item.clone(), "on"),
+                };
+                con.error(&format!(
+                    "warning: short-form boolean option '{item}' deprecated\nPlease use {key}={value} instead"
+                ));
+                pairs.push((key, value.to_string()));
+            }
+        }
+    }
+    pairs
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+/// Why an open failed, in QEMU's words; `name` is the file the error is about.
+pub fn open_error(e: &Error, name: &str) -> String {
+    match e {
+        Error::Io { source, .. } => {
+            let text = os_text(source);
+            match text.find("Failed to ") {
+                Some(at) if source.kind() == std::io::ErrorKind::WouldBlock => {
+                    let what = &text[at..];
+                    let what = what.split(": the image is locked").next().unwrap_or(what);
+                    format!("{what}\nIs another process using the image [{name}]?")
+                }
+                _ => format!("Could not open '{name}': {text}"),
+            }
+        }
+        Error::Format(f) => match f {
+            FormatError::BadMagic { .. } | FormatError::HeaderTruncated { .. } => {
+                "Image not in QED format".into()
+            }
+            FormatError::UnknownFeatures { bits } => format!("Unsupported QED features: {bits:x}"),
+            FormatError::ClusterSize { .. } => "QED cluster size is invalid".into(),
+            FormatError::TableSize { .. } => "QED table size is invalid".into(),
+            FormatError::ImageSizeUnaligned { .. } | FormatError::ImageSizeTooLarge { .. } => {
+                "QED image size is invalid".into()
+            }
+            FormatError::TableOffset { .. } => "QED table offset is invalid".into(),
+            other => other.to_string(),
+        },
+        Error::Backing { path, depth, cause } => match cause.as_ref() {
+            // Each layer wraps the error of the one below; the innermost knows its depth.
+            inner @ Error::Backing { .. } => open_error(inner, name),
+            cause => format!(
+                "{}{}",
+                "Could not open backing file: ".repeat((*depth).max(1)),
+                open_error(cause, &path.display().to_string())
+            ),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The options of `-o` this implementation knows, applied to `request`; the first it does
+/// not know is returned (QEMU names it in its error).
+fn apply_options(request: &mut OpenRequest) -> Result<Option<String>, String> {
+    let mut unknown = None;
+    let options = std::mem::take(&mut request.options);
+    for (key, value) in &options {
+        let flags = &mut request.flags;
+        match key.as_str() {
+            "driver" => request.format = Some(value.clone()),
+            "file.filename" | "filename" => {
+                if request.name.is_none() {
+                    request.name = Some(value.clone());
+                }
+            }
+            // A reference to a node by name: there are no other nodes here.
+            "file" if request.name.is_none() => {
+                return Err(format!(
+                    "Cannot find device='{value}' nor node-name='{value}'"
+                ));
+            }
+            "file.driver" if value == "file" => {}
+            "read-only" => {
+                if parse_bool(key, value)? && !flags.read_only {
+                    return Err("Block node is read-only".into());
+                }
+            }
+            "force-share" => flags.force_share = parse_bool(key, value)?,
+            "cache.direct" => flags.nocache = parse_bool(key, value)?,
+            "cache.no-flush" => flags.no_flush = parse_bool(key, value)?,
+            "copy-on-read" => flags.copy_on_read = parse_bool(key, value)?,
+            "discard" | "file.discard" => {
+                if !flags.set_discard(value) {
+                    return Err(format!("Invalid discard option: {value}"));
+                }
+            }
+            "file.aio" => {
+                if !flags.set_aio(value) {
+                    return Err(format!("Invalid aio option: {value}"));
+                }
+            }
+            "file.locking" => flags.no_lock = value == "off",
+            "backing" if value.is_empty() || value == "null" => flags.no_backing = true,
+            _ => {
+                if unknown.is_none() {
+                    unknown = Some(key.clone());
+                }
+            }
+        }
+    }
+    Ok(unknown)
+}
+
+/// QEMU's warning when a raw format was guessed.
+fn probe_warning(name: &str) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the \
+         restrictions.\n"
+    )
+}
+
+impl Session {
+    /// Opens what `request` names; the error is QEMU's text after `can't open device X: `.
+    pub fn open(mut request: OpenRequest, con: &mut Console<'_>) -> Result<Self, String> {
+        let named_by_options = request.name.is_none();
+        if named_by_options && !request.options.is_empty() {
+            let has = |keys: &[&str]| {
+                request
+                    .options
+                    .iter()
+                    .any(|(k, _)| keys.contains(&k.as_str()))
+            };
+            if !has(&["driver", "file", "file.filename", "filename"]) {
+                return Err("Must specify either driver or file".into());
+            }
+            if !has(&["file", "file.filename", "filename"]) {
+                return Err("A block device must be specified for \"file\"".into());
+            }
+        }
+        let unknown = apply_options(&mut request)?;
+        let flags = request.flags;
+        if flags.force_share && !flags.read_only {
+            return Err("force-share=on can only be used with read-only images".into());
+        }
+        let Some(name) = request.name.clone().filter(|n| !n.is_empty()) else {
+            return Err("The 'file' block driver requires a file name".into());
+        };
+        let path = Path::new(&name);
+        let format = match request.format.as_deref() {
+            Some(given) => {
+                ImageFormat::from_name(given).ok_or_else(|| format!("Unknown driver '{given}'"))?
+            }
+            None => {
+                let format = ImageFormat::resolve(path, None).map_err(|e| open_error(&e, &name))?;
+                if format == ImageFormat::Raw {
+                    con.err(&probe_warning(&name));
+                }
+                format
+            }
+        };
+        if flags.native_aio && !flags.nocache {
+            return Err(
+                "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                    .into(),
+            );
+        }
+        if flags.copy_on_read && flags.read_only {
+            return Err("Can't use copy-on-read on read-only device".into());
+        }
+        if unknown.is_some() || flags.snapshot {
+            // The file must open as an image before an option is refused or an overlay is put
+            // on it, as in QEMU.
+            Target::open(
+                path,
+                format,
+                &OpenFlags {
+                    read_only: true,
+                    ..flags
+                },
+            )
+            .and_then(Target::close)
+            .map_err(|e| open_error(&e, &name))?;
+        }
+        if let Some(key) = unknown {
+            return Err(format!(
+                "Block format '{}' does not support the option '{key}'",
+                format.name()
+            ));
+        }
+        let (overlay, opened, opened_format) = if flags.snapshot {
+            let overlay = Overlay::create(path, format).map_err(|e| open_error(&e, &name))?;
+            let opened = overlay.path().to_path_buf();
+            (Some(overlay), opened, ImageFormat::Qed)
+        } else {
+            (None, path.to_path_buf(), format)
+        };
+        let target =
+            Target::open(&opened, opened_format, &flags).map_err(|e| open_error(&e, &name))?;
+        Ok(Self {
+            disk: Arc::new(Disk::new(target, &flags)),
+            flags,
+            path: opened,
+            format: opened_format,
+            overlay,
+        })
+    }
+
+    /// The disk, for commands and requests in flight.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// The flags it was opened with.
+    pub fn flags(&self) -> &OpenFlags {
+        &self.flags
+    }
+
+    /// Closes the image (requests in flight must have completed), then removes the overlay.
+    pub fn close(self) -> qed_image::Result<()> {
+        let Self { disk, overlay, .. } = self;
+        let result = match Arc::try_unwrap(disk) {
+            Ok(disk) => disk.close(),
+            // Not reached once the requests have completed; the last holder closes it.
+            Err(shared) => shared.flush(),
+        };
+        drop(overlay);
+        result
+    }
+
+    /// Closes the image and opens the same file again with `flags`. When that fails the old
+    /// flags are tried again; the error is returned either way, with the session if one could
+    /// be had.
+    pub fn reopen(self, flags: OpenFlags) -> (Option<Self>, Result<(), String>) {
+        let Self {
+            disk,
+            flags: old,
+            path,
+            format,
+            overlay,
+        } = self;
+        let name = path.display().to_string();
+        let closed = match Arc::try_unwrap(disk) {
+            Ok(disk) => disk.close(),
+            Err(shared) => shared.flush(),
+        };
+        if let Err(e) = closed {
+            return (None, Err(format!("Could not close '{name}': {e}")));
+        }
+        let open = |flags: &OpenFlags| Target::open(&path, format, flags);
+        match open(&flags) {
+            Ok(target) => (
+                Some(Self {
+                    disk: Arc::new(Disk::new(target, &flags)),
+                    flags,
+                    path: path.clone(),
+                    format,
+                    overlay,
+                }),
+                Ok(()),
+            ),
+            Err(e) => {
+                let why = open_error(&e, &name);
+                let back = open(&old).ok().map(|target| Self {
+                    disk: Arc::new(Disk::new(target, &old)),
+                    flags: old,
+                    path: path.clone(),
+                    format,
+                    overlay,
+                });
+                (back, Err(why))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(text: &str) -> (Vec<(String, String)>, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let pairs = {
+            let mut con = Console::new(&mut out, &mut err);
+            parse_options(text, &mut con)
+        };
+        (pairs, String::from_utf8(err).unwrap())
+    }
+
+    #[test]
+    fn option_strings_as_qemu() {
+        let (p, _) = options("driver=qed,file.filename=a,,b");
+        assert_eq!(
+            p,
+            vec![
+                ("driver".into(), "qed".into()),
+                ("file.filename".into(), "a,b".into())
+            ]
+        );
+        let (p, err) = options("x");
+        assert_eq!(p, vec![("x".into(), "on".into())]);
+        assert!(err.contains("short-form boolean option 'x' deprecated\nPlease use x=on instead"));
+    }
+
+    #[test]
+    fn open_errors_in_qemu_words() {
+        let missing = Error::Io {
+            op: "open",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(2),
+        };
+        assert_eq!(
+            open_error(&missing, "x"),
+            "Could not open 'x': No such file or directory"
+        );
+        let backing = Error::Backing {
+            path: "b.qed".into(),
+            depth: 1,
+            cause: Box::new(missing),
+        };
+        assert_eq!(
+            open_error(&backing, "top.qed"),
+            "Could not open backing file: Could not open 'b.qed': No such file or directory"
+        );
+        let features = Error::Format(FormatError::UnknownFeatures { bits: 8 });
+        assert_eq!(open_error(&features, "x"), "Unsupported QED features: 8");
+    }
+}
