@@ -35,7 +35,7 @@ pub struct DdArgs {
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
     /// The operands: bs=BYTES, count=BLOCKS, skip=BLOCKS, if=INPUT, of=OUTPUT.
-    #[arg(value_name = "OPERAND", allow_hyphen_values = true)]
+    #[arg(value_name = "OPERAND")]
     pub operands: Vec<String>,
 }
 
