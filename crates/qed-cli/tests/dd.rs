@@ -19,7 +19,10 @@ fn same_results_as_qemu_img() {
         (&["if=top.qed", "of=out.raw"], Some("out.raw")),
         (&["-O", "qed", "if=top.qed", "of=out.qed"], Some("out.qed")),
         // Options after the operands, as QEMU's tests write them (getopt permutes).
-        (&["if=top.qed", "of=late.qed", "bs=5", "-O", "qed"], Some("late.qed")),
+        (
+            &["if=top.qed", "of=late.qed", "bs=5", "-O", "qed"],
+            Some("late.qed"),
+        ),
         (
             &[
                 "-O",

@@ -6,7 +6,7 @@
 //! there, cluster by cluster, by block status: a range both chains know to read as zeros is
 //! never read, and neither is a range that the new backing file holds unchanged in the old
 //! chain (rebasing onto a file deeper in the chain). Where the two differ, the old contents
-//! are written into the image (zeros as zero clusters), so the guest view stays the same;
+//! are written into the image (zeros as data, as qemu-img writes them), so the guest view stays the same;
 //! then the header names the new backing file. An unsafe rebase (`-u`) changes only the
 //! header.
 //!
@@ -397,14 +397,16 @@ impl<'a> Copier<'a> {
         stats: &mut RebaseStats,
     ) -> Result<(), RebaseError> {
         let write = |source| RebaseError::Write { offset: a, source };
+        // Zeros the old chain read are written as data, as qemu-img's rebase writes them: a
+        // zero cluster would read the same, but `qemu-img map` of the result (which QEMU's
+        // tests compare) would then differ from what qemu-img makes.
+        let slice = (a - chunk_start) as usize..(b - chunk_start) as usize;
+        self.image
+            .write_at(&self.old_buf[slice], a)
+            .map_err(write)?;
         if zero {
-            self.image.write_zeroes_at(a, b - a).map_err(write)?;
             stats.zeroed += b - a;
         } else {
-            let slice = (a - chunk_start) as usize..(b - chunk_start) as usize;
-            self.image
-                .write_at(&self.old_buf[slice], a)
-                .map_err(write)?;
             stats.copied += b - a;
         }
         Ok(())
