@@ -67,7 +67,7 @@ tar -xf "$tarball" -C "$WORK" --wildcards "$src/tests/qemu-iotests/*" "$src/pyth
 echo "iotests: building qed ..."
 cargo build --quiet --release -p qed-cli --manifest-path "$ROOT/Cargo.toml" || exit 2
 mkdir -p "$WORK/bin"
-for tool in qemu-img qemu-io qemu-nbd; do ln -s "$ROOT/target/release/qed" "$WORK/bin/$tool"; done
+for tool in qemu-img qemu-io qemu-nbd; do ln -s "${CARGO_TARGET_DIR:-$ROOT/target}/release/qed" "$WORK/bin/$tool"; done
 cat > "$WORK/bin/qemu-system-stub" <<'EOF'
 #!/bin/sh
 case "$*" in *"-machine help"*) echo "pc  Standard PC (i440FX + PIIX, 1996) (default)";;

@@ -190,6 +190,31 @@ impl Image {
         })
     }
 
+    /// Opens an image on any storage, named `label` in messages, opening its backing file
+    /// with `open_backing`: called (only when the header names a backing file, and only if
+    /// `options.backing` is [`BackingPolicy::Follow`]) with the name as stored and the format
+    /// the header fixes (raw with NO_PROBE, else `None`: probe). Its `None` leaves unallocated
+    /// clusters reading as zeros. The image has no path: [`Image::reopen`] refuses it.
+    pub fn open_storage_with(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        label: String,
+        open_backing: impl FnOnce(&[u8], Option<BackingFormat>) -> Result<Option<BackingLayer>>,
+    ) -> Result<Self> {
+        Self::open_with(storage, options, label, None, |header, name| {
+            match options.backing {
+                BackingPolicy::Ignore => Ok(None),
+                BackingPolicy::Deny => Err(Error::Unsupported(format!(
+                    "image names backing file {:?} and opening backing files is denied",
+                    OsStr::from_bytes(name)
+                ))),
+                BackingPolicy::Follow => {
+                    open_backing(name, header.backing_is_raw().then_some(BackingFormat::Raw))
+                }
+            }
+        })
+    }
+
     fn open_with(
         storage: Box<dyn Storage>,
         options: &OpenOptions,

@@ -21,7 +21,7 @@ use crate::storage::CacheMode;
 use crate::{CreateParams, Error, Image, OpenOptions, Result};
 
 use super::disk::Disk;
-use super::status::{BlockStatusIter, StatusKind};
+use super::status::{BlockStatus, BlockStatusIter, StatusKind};
 use super::{is_zero, IO_BUF_SIZE, SECTOR};
 
 /// Largest sparse block (`-S`), as qemu-img allows.
@@ -227,6 +227,73 @@ pub fn convert(
     options: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats, ConvertError> {
+    run(source, target, options, progress, None)
+}
+
+/// The longest block-status request qemu-img makes (`BDRV_REQUEST_MAX_SECTORS` sectors).
+const MAX_STATUS_REQUEST: u64 = (i32::MAX as u64 >> 9) * SECTOR;
+
+/// [`convert`] that goes on past errors of the source, as `qemu-img convert --salvage`: each
+/// is passed to `warn` and the copy continues. A block status that cannot be had is asked
+/// again of a quarter of the range, down to one sector, which is then taken as data (warned
+/// as [`ConvertError::Status`] at that sector); a read that fails is done again sector by
+/// sector, and each sector that cannot be read is warned about ([`ConvertError::Read`]) and
+/// written as zeros. As qemu-img does, the source's block status is walked once over the
+/// whole disk before the copy (qemu-img counts the allocated sectors for its progress), so
+/// its warnings come twice.
+pub fn convert_salvaging(
+    source: &Disk,
+    target: &Disk,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    warn: &mut dyn FnMut(&ConvertError),
+) -> Result<ConvertStats, ConvertError> {
+    run(source, target, options, progress, Some(warn))
+}
+
+/// The block status of the source from `pos`, asked as qemu-img asks it in salvage mode.
+fn salvaged_status(
+    source: &Disk,
+    pos: u64,
+    size: u64,
+    warn: &mut dyn FnMut(&ConvertError),
+) -> BlockStatus {
+    let mut n = (size - pos).min(MAX_STATUS_REQUEST);
+    loop {
+        match source.block_status_with_holes(pos, n).next() {
+            Some(Ok(status)) => return status,
+            None => {
+                return BlockStatus {
+                    offset: pos,
+                    length: size - pos,
+                    depth: 0,
+                    kind: StatusKind::Unallocated,
+                }
+            }
+            Some(Err(source)) if n <= SECTOR => {
+                warn(&ConvertError::Status {
+                    offset: pos,
+                    source,
+                });
+                return BlockStatus {
+                    offset: pos,
+                    length: SECTOR.min(size - pos),
+                    depth: 0,
+                    kind: StatusKind::Data { host_offset: pos },
+                };
+            }
+            Some(Err(_)) => n = n.div_ceil(SECTOR).div_ceil(4) * SECTOR,
+        }
+    }
+}
+
+fn run(
+    source: &Disk,
+    target: &Disk,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    warn: Option<&mut dyn FnMut(&ConvertError)>,
+) -> Result<ConvertStats, ConvertError> {
     let size = source.size();
     let invalid = |why: String| ConvertError::Invalid(Error::InvalidArgument(why));
     if options
@@ -275,14 +342,13 @@ pub fn convert(
         buf: vec![0; chunk as usize],
         base_buf: Vec::new(),
         actions: Vec::new(),
+        warn: None,
     };
     progress(0, size);
-    let mut done = 0;
-    for status in source.block_status_with_holes(0, size) {
-        let status = status.map_err(|source| ConvertError::Status {
-            offset: done,
-            source,
-        })?;
+    let step = |copier: &mut Copier<'_, '_>,
+                    status: BlockStatus,
+                    progress: &mut dyn FnMut(u64, u64)|
+     -> Result<(), ConvertError> {
         let (start, end) = (status.offset, status.offset + status.length);
         let left_to_base = status.depth >= 1 || status.kind == StatusKind::Unallocated;
         if !(shared_backing && left_to_base) {
@@ -291,14 +357,43 @@ pub fn convert(
             })?;
         }
         progress(end, size);
-        done = end;
+        Ok(())
+    };
+    if let Some(warn) = warn {
+        // qemu-img's count of the allocated sectors, then the copy.
+        let mut pos = 0;
+        while pos < size {
+            pos = salvaged_status(source, pos, size, warn).end();
+        }
+        copier.warn = Some(warn);
+        let mut pos = 0;
+        while pos < size {
+            let Some(warn) = copier.warn.as_mut() else {
+                break;
+            };
+            let status = salvaged_status(source, pos, size, &mut **warn);
+            pos = status.end();
+            step(&mut copier, status, progress)?;
+        }
+    } else {
+        let mut done = 0;
+        for status in source.block_status_with_holes(0, size) {
+            let status = status.map_err(|source| ConvertError::Status {
+                offset: done,
+                source,
+            })?;
+            done = status.end();
+            step(&mut copier, status, progress)?;
+        }
     }
     copier.writer.flush_zero()?;
     Ok(copier.writer.stats)
 }
 
 /// The state of one conversion.
-struct Copier<'a> {
+struct Copier<'a, 'w> {
+    /// Salvage mode: where the errors of the source go.
+    warn: Option<&'w mut dyn FnMut(&ConvertError)>,
     source: &'a Disk,
     base: Option<Arc<BackingLayer>>,
     writer: Writer<'a>,
@@ -314,7 +409,7 @@ struct Copier<'a> {
     actions: Vec<(u64, u64, Action)>,
 }
 
-impl Copier<'_> {
+impl Copier<'_, '_> {
     /// Copies `[start, end)`, whose source bytes are zeros when `known_zero`.
     fn range(
         &mut self,
@@ -403,12 +498,7 @@ impl Copier<'_> {
             }
             self.buf[..n].fill(0);
         } else {
-            self.source
-                .read_at(&mut self.buf[..n], start)
-                .map_err(|source| ConvertError::Read {
-                    offset: start,
-                    source,
-                })?;
+            self.read_source(start, n)?;
             self.writer.stats.read += n as u64;
         }
         self.plan(start, end, base.is_some(), known_zero);
@@ -425,6 +515,29 @@ impl Copier<'_> {
                     self.buf = buf;
                     result?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `n` bytes of the source at `start` into `buf`; in salvage mode a failed read is
+    /// done again sector by sector, each sector that fails warned about and read as zeros.
+    fn read_source(&mut self, start: u64, n: usize) -> Result<(), ConvertError> {
+        let Err(source) = self.source.read_at(&mut self.buf[..n], start) else {
+            return Ok(());
+        };
+        let Some(warn) = self.warn.as_mut() else {
+            return Err(ConvertError::Read {
+                offset: start,
+                source,
+            });
+        };
+        for at in (0..n).step_by(SECTOR as usize) {
+            let sector = &mut self.buf[at..n.min(at + SECTOR as usize)];
+            let offset = start + at as u64;
+            if let Err(source) = self.source.read_at(sector, offset) {
+                warn(&ConvertError::Read { offset, source });
+                sector.fill(0);
             }
         }
         Ok(())
@@ -485,5 +598,72 @@ impl Copier<'_> {
                 i += 1;
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "filters"))]
+mod tests {
+    use super::*;
+    use crate::ops::RawDisk;
+    use crate::storage::{
+        Action, BlkdebugStorage, Event, Injection, IoType, IoTypes, MemoryStorage, Rule,
+    };
+
+    fn rule(kind: IoType, offset: u64) -> Rule {
+        Rule {
+            event: Event::Open,
+            state: 0,
+            action: Action::Inject(Injection {
+                iotypes: IoTypes::only(kind),
+                errno: libc::EIO,
+                offset: Some(offset),
+                once: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn salvage_warns_per_sector_and_copies_the_rest() {
+        const MIB: u64 = 1 << 20;
+        let rules = vec![
+            rule(IoType::BlockStatus, MIB + 4096),
+            rule(IoType::Read, 3 * MIB),
+            rule(IoType::Read, 3 * MIB + 512),
+        ];
+        let file = MemoryStorage::from_bytes(vec![0x2a; 4 * MIB as usize]);
+        let storage = BlkdebugStorage::new(file, 0, rules).unwrap();
+        let source = Disk::Raw(RawDisk::new(Box::new(storage), false).unwrap());
+        let target = Disk::Raw(
+            RawDisk::new(Box::new(MemoryStorage::from_bytes(vec![0; 4 * MIB as usize])), true)
+                .unwrap(),
+        );
+        let mut warnings = Vec::new();
+        let options = ConvertOptions::default();
+        assert!(convert(&source, &target, &options, &mut |_, _| {}).is_err());
+        convert_salvaging(&source, &target, &options, &mut |_, _| {}, &mut |e| {
+            warnings.push(match e {
+                ConvertError::Status { offset, .. } => format!("status {offset}"),
+                ConvertError::Read { offset, .. } => format!("read {offset}"),
+                other => other.to_string(),
+            });
+        })
+        .unwrap();
+        let at = |mib: u64, extra: u64| mib * MIB + extra;
+        assert_eq!(
+            warnings,
+            vec![
+                format!("status {}", at(1, 4096)),
+                format!("status {}", at(1, 4096)),
+                format!("read {}", at(3, 0)),
+                format!("read {}", at(3, 512)),
+            ]
+        );
+        let mut buf = vec![0u8; 2048];
+        target.read_at(&mut buf, 3 * MIB - 512).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 0x2a));
+        assert!(buf[512..1536].iter().all(|&b| b == 0));
+        assert!(buf[1536..].iter().all(|&b| b == 0x2a));
+        target.read_at(&mut buf, MIB + 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x2a));
     }
 }

@@ -48,6 +48,11 @@ impl RawDisk {
     pub fn storage(&self) -> &dyn Storage {
         &*self.storage
     }
+
+    /// The storage underneath, the disk given up.
+    pub fn into_storage(self) -> Box<dyn Storage> {
+        self.storage
+    }
 }
 
 /// A disk the operations work on.

@@ -18,6 +18,7 @@ mod compare;
 mod convert;
 mod dd;
 mod disk;
+mod layered;
 mod map;
 mod measure;
 mod rebase;
@@ -28,10 +29,11 @@ pub use bench::{bench, BenchError, BenchOptions, MAX_BUFFER_BYTES, MAX_WORKERS};
 pub use commit::{commit, CommitError, CommitOptions, CommitStats};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, Side};
 pub use convert::{
-    convert, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
+    convert, convert_salvaging, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
 };
 pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
 pub use disk::{Disk, RawDisk};
+pub use layered::DiskStorage;
 pub use map::{map, MapEntries, MapEntry};
 pub use measure::{measure, measure_size, MeasureFormat, Measurement};
 pub use rebase::{rebase, RebaseError, RebaseOptions, RebaseStats};

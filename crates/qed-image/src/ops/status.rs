@@ -91,7 +91,8 @@ pub struct BlockStatus {
 }
 
 impl BlockStatus {
-    fn end(&self) -> u64 {
+    /// Where the range ends.
+    pub fn end(&self) -> u64 {
         self.offset + self.length
     }
 
@@ -321,29 +322,20 @@ impl<'a> Resolver<'a> {
 
 /// What a raw file holds from `pos` (ending at or before `end`).
 fn raw_piece(storage: &dyn Storage, pos: u64, end: u64) -> Result<Piece> {
-    let io = |e| Error::io("find data", pos)(e);
-    let zero = |to: u64| Piece {
+    let (data, length) = storage
+        .block_status(pos, end - pos)
+        .map_err(Error::io("find data", pos))?;
+    let length = length.clamp(1, end - pos);
+    Ok(Piece {
         offset: pos,
-        length: to - pos,
-        kind: StatusKind::Zero {
-            host_offset: Some(pos),
-        },
-    };
-    Ok(match storage.next_data(pos).map_err(io)? {
-        None => zero(end),
-        Some(data) if data >= end => zero(end),
-        Some(data) if data > pos => zero(data),
-        Some(_) => {
-            let hole = storage.next_hole(pos).map_err(io)?;
-            // A storage may call a hole data, never the reverse; a hole at `pos` right after
-            // data at `pos` is a race with a writer: take it as data to the end.
-            let to = if hole > pos { hole.min(end) } else { end };
-            Piece {
-                offset: pos,
-                length: to - pos,
-                kind: StatusKind::Data { host_offset: pos },
+        length,
+        kind: if data {
+            StatusKind::Data { host_offset: pos }
+        } else {
+            StatusKind::Zero {
+                host_offset: Some(pos),
             }
-        }
+        },
     })
 }
 

@@ -3,7 +3,11 @@
 //! Every byte the engine reads or writes goes through [`Storage`], so crash-simulating and
 //! fault-injecting storages can stand in for a file in tests. Those two (`CrashStorage` and
 //! `FaultStorage`, with their helper types) are built only with the `test-utils` feature.
+//! QEMU's filter drivers `blkdebug` (alignment, error injection) and `quorum` are storages
+//! over other storages, built with the `filters` feature.
 
+#[cfg(feature = "filters")]
+mod blkdebug;
 #[cfg(feature = "test-utils")]
 mod crash;
 #[cfg(feature = "test-utils")]
@@ -11,9 +15,13 @@ mod fault;
 mod file;
 mod lock;
 mod memory;
+#[cfg(feature = "filters")]
+mod quorum;
 
 use std::io;
 
+#[cfg(feature = "filters")]
+pub use blkdebug::{Action, BlkdebugStorage, Event, Injection, IoType, IoTypes, Rule};
 #[cfg(feature = "test-utils")]
 pub use crash::{
     CrashKind, CrashOp, CrashOptions, CrashState, CrashStates, CrashStorage, LoggedOp,
@@ -23,6 +31,8 @@ pub use fault::{Fault, FaultStorage, OpCounts, OpKind, OpKinds};
 pub use file::{CacheMode, FileOptions, FileStorage};
 pub use lock::{LockMode, QemuLock};
 pub use memory::MemoryStorage;
+#[cfg(feature = "filters")]
+pub use quorum::{QuorumStorage, ReadPattern};
 
 /// A byte-addressed store with positional I/O; every method takes `&self` so that many
 /// threads can use one storage at once.
@@ -95,6 +105,30 @@ pub trait Storage: Send + Sync {
         })
     }
 
+    /// What `[offset, offset + len)` starts with, as a protocol node's block status says it:
+    /// `(data, n)`, the first `n` bytes (`0 < n <= len`) all data (`true`) or all a hole
+    /// (`false`; bytes past the end of the storage are a hole). `len` must not be 0. The
+    /// answer may call a hole data, never the reverse.
+    ///
+    /// The default asks [`next_data`](Self::next_data) and, when `offset` holds data,
+    /// [`next_hole`](Self::next_hole); a storage that checks the range asked about (a
+    /// debugging filter) answers itself.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let end = offset.saturating_add(len);
+        Ok(match self.next_data(offset)? {
+            None => (false, end - offset),
+            Some(data) if data >= end => (false, end - offset),
+            Some(data) if data > offset => (false, data - offset),
+            Some(_) => {
+                let hole = self.next_hole(offset)?;
+                // A hole right at `offset` after data there is a race with a writer: take it
+                // as data to the end.
+                let to = if hole > offset { hole.min(end) } else { end };
+                (true, to - offset)
+            }
+        })
+    }
+
     /// The request alignment (of offsets, lengths and buffer addresses) at which I/O is
     /// efficient, a power of two. Any request works; unaligned ones may cost a
     /// read-modify-write. The default is 1.
@@ -155,6 +189,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         (**self).is_hole(offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).block_status(offset, len)
     }
     fn alignment(&self) -> u64 {
         (**self).alignment()
