@@ -9,12 +9,13 @@
 
 use std::path::PathBuf;
 
-use qed_image::ops::{self, BenchError, BenchOptions, Disk};
-use qed_image::{BackingPolicy, CacheMode, OpenOptions};
+use qed_image::ops::{self, BenchError, BenchOptions};
+use qed_image::CacheMode;
 
 use crate::error::{errno_text, open_failure, CliError, CliResult};
 use crate::format::{CacheArg, ImageFormat};
 use crate::size::{cvtnum, cvtnum_in, strtoul_in};
+use crate::spec::{self, Access};
 
 /// `INT_MAX`, the bound of qemu-img's integer options.
 const INT_MAX: u64 = i32::MAX as u64;
@@ -82,6 +83,9 @@ pub struct BenchArgs {
     /// Open without taking the image lock (read tests only).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image file.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
@@ -151,15 +155,13 @@ pub fn run(args: &BenchArgs) -> CliResult<i32> {
             "force-share=on can only be used with read-only images",
         ));
     }
-    let open = OpenOptions {
+    let access = Access {
         writable: args.write,
+        unlocked: args.force_share,
         cache,
-        force_share: args.force_share,
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::read_write()
+        backing: true,
     };
-    let disk = Disk::open(&args.file, args.format.map(Into::into), &open)
-        .map_err(|e| cannot_open(&open_failure(&e)))?;
+    let disk = spec::open_arg(args.file.as_os_str(), args.image_opts, args.format, &access)?.disk;
     println!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size \
          {})",

@@ -18,13 +18,14 @@
 
 use std::path::PathBuf;
 
-use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode};
-use qed_image::{BackingPolicy, CheckReport, Image, OpenOptions, Repair};
+use qed_image::ops::Disk;
+use qed_image::{CheckReport, Image, Repair};
 use serde::Serialize;
 
-use crate::error::{open_failure, os_text, CliError, CliResult};
+use crate::error::{open_failure, CliError, CliResult};
 use crate::format::{ImageFormat, OutputFormat};
 use crate::json::to_qemu_json;
+use crate::spec::{self, Access};
 
 /// Exit code of qemu-img when the format has no check (`-ENOTSUP` becomes 63).
 pub const EXIT_NOT_SUPPORTED: i32 = 63;
@@ -65,7 +66,10 @@ pub struct CheckArgs {
     /// Print nothing but errors (the exit code still tells the result).
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// The image file.
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The image: a file name, `file:NAME`, `json:{...}` (see docs/cli.md).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 }
@@ -195,40 +199,23 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
             "force-share=on can only be used with read-only images".to_string(),
         ));
     }
-    let format =
-        ImageFormat::resolve(&args.file, args.format).map_err(|e| open_error(open_failure(&e)))?;
-    if format == ImageFormat::Raw {
+    let access = Access {
+        writable: args.repair.is_some(),
+        unlocked: args.force_share,
+        // qemu-img opens the backing chain too (and fails when it is missing).
+        backing: true,
+        ..Access::read_only()
+    };
+    let opened = spec::open_arg(args.file.as_os_str(), args.image_opts, args.format, &access)?;
+    let Disk::Qed(image) = opened.disk else {
         // Opened (and locked) as qemu-img opens it, so that an unreadable file fails as an
         // open failure; then, as qemu-img: no check for raw, exit 63.
-        let lock = match (args.force_share, args.repair.is_some()) {
-            (true, _) => LockMode::None,
-            (false, true) => LockMode::Write,
-            (false, false) => LockMode::Read,
-        };
-        FileStorage::open(
-            &args.file,
-            &FileOptions {
-                writable: args.repair.is_some(),
-                create: false,
-                cache: CacheMode::Writeback,
-                lock,
-            },
-        )
-        .map_err(|e| open_error(os_text(&e)))?;
         eprintln!(
             "{}: This image format does not support checks",
             crate::prog()
         );
         return Ok(EXIT_NOT_SUPPORTED);
-    }
-    let options = OpenOptions {
-        writable: args.repair.is_some(),
-        force_share: args.force_share,
-        // qemu-img opens the backing chain too (and fails when it is missing).
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::default()
     };
-    let image = Image::open(&args.file, &options).map_err(|e| open_error(open_failure(&e)))?;
     let checked = match args.repair {
         None => image.check(Repair::None).map(|report| Checked {
             output: CheckOutput::new(&report, &name),

@@ -21,6 +21,7 @@ use crate::error::{errno_text, open_failure, CliError, CliResult};
 use crate::format::{CacheArg, ImageFormat};
 use crate::progress::Progress;
 use crate::size::cvtnum;
+use crate::spec;
 
 /// Arguments of `qed commit`.
 #[derive(Debug, clap::Args)]
@@ -54,6 +55,9 @@ pub struct CommitArgs {
     /// Print nothing but errors.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image file.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
@@ -84,7 +88,8 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
     };
     let drop = args.drop || args.base.is_some();
     let name = args.file.display().to_string();
-    let format = ImageFormat::resolve(&args.file, args.format)
+    let (file, given) = spec::plain_arg(args.file.as_os_str(), args.image_opts, args.format)?;
+    let format = ImageFormat::resolve(&file, given)
         .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
     if format == ImageFormat::Raw {
         return Err(CliError::plain("Image does not have a backing file"));
@@ -97,7 +102,7 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
         backing: BackingPolicy::Ignore,
         ..OpenOptions::read_write()
     };
-    let top = Image::open(&args.file, &options)
+    let top = Image::open(&file, &options)
         .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
     let (layers, base) = chain(args, top, cache)?;
     let mut progress = Progress::new(args.progress && !args.quiet);

@@ -4,12 +4,12 @@
 
 use std::path::PathBuf;
 
-use qed_image::ops::{self, CompareError, CompareOptions, CompareOutcome, Disk, Side};
-use qed_image::{BackingPolicy, OpenOptions};
+use qed_image::ops::{self, CompareError, CompareOptions, CompareOutcome, Side};
 
-use crate::error::{errno_text, open_failure, CliResult};
+use crate::error::{errno_text, CliResult};
 use crate::format::{CacheArg, ImageFormat};
 use crate::progress::Progress;
+use crate::spec::{self, Access};
 
 /// Arguments of `qed compare`.
 #[derive(Debug, clap::Args)]
@@ -35,6 +35,9 @@ pub struct CompareArgs {
     /// Print nothing but errors (the exit code tells the verdict).
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// FILE1 and FILE2 are option strings (`driver=qed,file.filename=x.qed`), not file names.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The first image.
     #[arg(value_name = "FILE1")]
     pub file1: PathBuf,
@@ -52,21 +55,15 @@ const EXIT_READ: i32 = 4;
 
 /// Runs `qed compare`; returns the exit code (errors are printed here, each with its code).
 pub fn run(args: &CompareArgs) -> CliResult<i32> {
-    let options = OpenOptions {
-        force_share: args.force_share,
+    let access = Access {
+        unlocked: args.force_share,
         cache: args.cache.map_or_else(Default::default, Into::into),
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::read_only()
+        ..Access::read_only()
     };
     let open = |path: &PathBuf, format: Option<ImageFormat>| {
-        Disk::open(path, format.map(Into::into), &options).map_err(|e| {
-            eprintln!(
-                "{}: Could not open '{}': {}",
-                crate::prog(),
-                path.display(),
-                open_failure(&e)
-            );
-        })
+        spec::open_arg(path.as_os_str(), args.image_opts, format, &access)
+            .map(|opened| opened.disk)
+            .map_err(|e| eprintln!("{}: {e}", crate::prog()))
     };
     let Ok(first) = open(&args.file1, args.format1) else {
         return Ok(EXIT_OPEN);

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use qed_image::format::{new_image_layout, DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
 use qed_image::ops::{self, ConvertError, ConvertOptions, Disk, NewTarget, MAX_SPARSE_SIZE};
-use qed_image::{resolve_backing_path, BackingFormat, BackingPolicy, CreateParams, OpenOptions};
+use qed_image::{resolve_backing_path, BackingFormat, CreateParams};
 
 use crate::create::{QED_OPTIONS, RAW_OPTIONS};
 use crate::error::{errno_text, open_failure, CliError, CliResult};
@@ -22,6 +22,7 @@ use crate::format::{CacheArg, ImageFormat};
 use crate::options::OptionList;
 use crate::progress::Progress;
 use crate::size::{cvtnum, parse_size};
+use crate::spec::{self, Access};
 
 /// Arguments of `qed convert`.
 #[derive(Debug, clap::Args)]
@@ -93,6 +94,16 @@ pub struct ConvertArgs {
     /// Open the sources without taking their locks.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Go on past read errors of the sources: what cannot be read is written as zeros,
+    /// with a warning.
+    #[arg(long = "salvage")]
+    pub salvage: bool,
+    /// The sources are option strings (`driver=qed,file.filename=x.qed`), not file names.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The target (with `-n`) is an option string.
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Show progress on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
@@ -122,6 +133,12 @@ fn check_arguments(args: &ConvertArgs) -> CliResult<(u64, OptionList)> {
     }
     if args.target_is_zero && !args.no_create {
         return Err(plain("--target-is-zero requires use of -n flag"));
+    }
+    if args.copy_range && args.salvage {
+        return Err(plain("Cannot use copy offloading in salvaging mode"));
+    }
+    if args.target_image_opts && !args.no_create {
+        return Err(plain("--target-image-opts requires use of -n flag"));
     }
     if let Some(text) = &args.parallel {
         let valid = text.parse::<u64>().ok().filter(|n| (1..=16).contains(n));
@@ -171,27 +188,33 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     if args.compress {
         return Err(plain("Compression not supported for this file format"));
     }
-    let source_options = OpenOptions {
-        force_share: args.force_share,
+    let source_access = Access {
+        unlocked: args.force_share,
         cache: args.source_cache.map_or_else(Default::default, Into::into),
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::read_only()
+        ..Access::read_only()
     };
     let mut disks = Vec::with_capacity(sources.len());
     for path in sources {
-        let disk = Disk::open(path, args.format.map(Into::into), &source_options).map_err(|e| {
-            CliError::new(
-                format!("Could not open '{}'", path.display()),
-                open_failure(&e),
-            )
-        })?;
-        disks.push(disk);
+        let opened = spec::open_arg(
+            path.as_os_str(),
+            args.image_opts,
+            args.format,
+            &source_access,
+        )?;
+        disks.push(opened.disk);
     }
     let total = disks
         .iter()
         .try_fold(0u64, |sum, d| sum.checked_add(d.size()))
         .ok_or_else(|| plain("the sources are too large together"))?;
     let target_name = target_path.display().to_string();
+    let target_file = if args.no_create {
+        target_path.clone()
+    } else {
+        // `file:NAME` is NAME; other protocols are refused.
+        spec::create_path(target_path.as_os_str()).map_err(plain)?
+    };
+    let target_path = &target_file;
     let backing = backing_of(args, &options, target_path, &target_name)?;
     if backing.is_some() && disks.len() > 1 {
         return Err(plain(
@@ -206,16 +229,20 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     }
     let target_cache = args.target_cache.map_or_else(Default::default, Into::into);
     let target = if args.no_create {
-        let options = OpenOptions {
+        let access = Access {
             writable: true,
             cache: target_cache,
-            backing: BackingPolicy::Follow,
-            ..OpenOptions::read_write()
+            ..Access::read_only()
         };
         // As qemu-img: the target's format is -O's (raw unless given), never probed.
-        Disk::open(target_path, Some(args.output_format.into()), &options).map_err(|e| {
-            CliError::new(format!("Could not open '{target_name}'"), open_failure(&e))
-        })?
+        let format = (!args.target_image_opts).then_some(args.output_format);
+        spec::open_arg(
+            target_path.as_os_str(),
+            args.target_image_opts,
+            format,
+            &access,
+        )?
+        .disk
     } else {
         create(
             args,
@@ -246,9 +273,16 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             diff_backing: convert_options.diff_backing && disks.len() == 1,
             ..convert_options
         };
-        let done = ops::convert(disk, &target, &options, &mut |done, _| {
-            progress.update(shift + done, total);
-        });
+        let mut report = |done, _| progress.update(shift + done, total);
+        let done = if args.salvage {
+            ops::convert_salvaging(disk, &target, &options, &mut report, &mut |e| {
+                if !args.quiet {
+                    eprintln!("{}: warning: {}", crate::prog(), salvage_warning(e));
+                }
+            })
+        } else {
+            ops::convert(disk, &target, &options, &mut report)
+        };
         if let Err(e) = done {
             result = Err(convert_failure(&e));
             break;
@@ -262,6 +296,23 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     result?;
     closed.map_err(|e| CliError::new(format!("closing {target_name}"), open_failure(&e)))?;
     Ok(0)
+}
+
+/// The warning qemu-img prints for an error it salvages.
+fn salvage_warning(e: &ConvertError) -> String {
+    match e {
+        ConvertError::Status { offset, source } => format!(
+            "error while reading block status at offset {offset}: {}",
+            errno_text(source)
+        ),
+        ConvertError::Read { offset, source } => {
+            format!(
+                "error while reading offset {offset}: {}",
+                errno_text(source)
+            )
+        }
+        other => convert_failure(other).to_string(),
+    }
 }
 
 /// The message qemu-img prints for a failed copy.

@@ -81,6 +81,9 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     };
     let name = file.display().to_string();
     let fail = |why: &dyn std::fmt::Display| CliError::new(name.clone(), why);
+    // `file:NAME` is NAME; other protocols are refused.
+    let path = crate::spec::create_path(file.as_os_str()).map_err(|e| fail(&e))?;
+    let file = path.as_path();
     let size = match &args.size {
         Some(text) => Some(parse_image_size(text)?),
         None => match options.get("size") {

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 use qed_image::format::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE};
 use qed_image::ops::{self, DdError, DdOptions, Disk, NewTarget};
-use qed_image::{BackingPolicy, CacheMode, OpenOptions};
+use qed_image::CacheMode;
 
 use crate::error::{errno_text, open_failure, CliError, CliResult};
 use crate::format::{sector_rounded_len, ImageFormat};
 use crate::progress::Progress;
 use crate::size::{cvtnum, cvtnum_in};
+use crate::spec::{self, Access};
 
 /// Arguments of `qed dd`.
 #[derive(Debug, clap::Args)]
@@ -34,6 +35,9 @@ pub struct DdArgs {
     /// Show progress on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
+    /// The input (`if=`) is an option string (`driver=qed,file.filename=x.qed`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The operands: bs=BYTES, count=BLOCKS, skip=BLOCKS, if=INPUT, of=OUTPUT.
     #[arg(value_name = "OPERAND")]
     pub operands: Vec<String>,
@@ -73,13 +77,11 @@ pub fn run(args: &DdArgs) -> CliResult<i32> {
         return Err(CliError::plain("Must specify both input and output files"));
     };
     let in_name = input.display().to_string();
-    let open = OpenOptions {
-        force_share: args.force_share,
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::read_only()
+    let access = Access {
+        unlocked: args.force_share,
+        ..Access::read_only()
     };
-    let source = Disk::open(input, args.format.map(Into::into), &open)
-        .map_err(|e| CliError::new(format!("Could not open '{in_name}'"), open_failure(&e)))?;
+    let source = spec::open_arg(input.as_os_str(), args.image_opts, args.format, &access)?.disk;
     let target_format = args.output_format.as_deref().unwrap_or("raw");
     let Some(target_format) = ImageFormat::from_name(target_format) else {
         return Err(CliError::plain("Unknown file format"));

@@ -14,13 +14,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use qed_image::storage::{CacheMode, FileOptions, FileStorage, LockMode};
-use qed_image::{BackingLayer, BackingPolicy, Image, OpenOptions};
+use qed_image::ops::Disk;
+use qed_image::storage::{CacheMode, Storage};
+use qed_image::{BackingLayer, Image};
 use serde::Serialize;
 
 use crate::error::{open_failure, os_text, CliError, CliResult};
 use crate::format::{allocated_bytes, sector_rounded_len, ImageFormat, OutputFormat};
 use crate::json::to_qemu_json;
+use crate::spec::{self, open_disk, Access, ImageSpec};
 use crate::text::size_to_str;
 
 /// Arguments of `qed info`.
@@ -38,7 +40,10 @@ pub struct InfoArgs {
     /// Output format.
     #[arg(long = "output", value_name = "FMT", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
-    /// The image file.
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The image: a file name, `file:NAME`, `json:{...}` (see docs/cli.md).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 }
@@ -143,8 +148,9 @@ impl QedData {
 
 /// Runs `qed info`; returns the exit code.
 pub fn run(args: &InfoArgs) -> CliResult<i32> {
+    let spec = spec::parse_arg(args.file.as_os_str(), args.image_opts, args.format)?;
     let name = args.file.display().to_string();
-    let layers = collect(args, &name)
+    let layers = collect(args, &spec)
         .map_err(|why| CliError::new(format!("Could not open '{name}'"), why))?;
     let text = match args.output {
         OutputFormat::Json if args.backing_chain => to_qemu_json(&layers),
@@ -164,58 +170,54 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
 }
 
 /// Opens the image (and its chain if asked) and describes every layer.
-fn collect(args: &InfoArgs, name: &str) -> Result<Vec<ImageInfo>, String> {
-    let path = args.file.as_path();
-    let format = ImageFormat::resolve(path, args.format).map_err(|e| open_failure(&e))?;
-    match format {
-        ImageFormat::Raw => {
-            // Opened (and locked as QEMU locks it) only to see that it can be.
-            let lock = LockMode::for_access(false, args.force_share);
-            FileStorage::open(
-                path,
-                &FileOptions {
-                    writable: false,
-                    create: false,
-                    cache: CacheMode::Writeback,
-                    lock,
-                },
-            )
-            .map_err(|e| os_text(&e))?;
-            Ok(vec![raw_info(name.to_string(), path)?])
+fn collect(args: &InfoArgs, spec: &ImageSpec) -> Result<Vec<ImageInfo>, String> {
+    let access = Access {
+        writable: false,
+        unlocked: args.force_share,
+        cache: CacheMode::Writeback,
+        backing: args.backing_chain,
+    };
+    let opened =
+        open_disk(spec, &access, &mut |_| {}).map_err(|e| e.text(&|e, _| open_failure(e)))?;
+    let name = opened.name.clone();
+    let file = opened
+        .path
+        .clone()
+        .or_else(|| spec.file_path().map(Path::to_path_buf));
+    let mut layers = vec![match &opened.disk {
+        Disk::Raw(raw) => raw_info(name, file.as_deref(), opened.format, raw.storage())?,
+        Disk::Qed(image) => {
+            let mut info = qed_info(image, name, file.as_deref())?;
+            if opened.path.is_none() {
+                // Opened on storage: the backing file resolves against the image's directory,
+                // when it has one.
+                info.full_backing_filename = image.info().backing_name.as_ref().and_then(|n| {
+                    spec::full_backing_name(opened.dir.as_deref(), n)
+                        .map(|p| p.display().to_string())
+                });
+            }
+            info
         }
-        ImageFormat::Qed => {
-            let options = OpenOptions {
-                writable: false,
-                force_share: args.force_share,
-                backing: if args.backing_chain {
-                    BackingPolicy::Follow
-                } else {
-                    BackingPolicy::Ignore
-                },
-                ..OpenOptions::read_only()
-            };
-            let image = Image::open(path, &options).map_err(|e| open_failure(&e))?;
-            let mut layers = vec![qed_info(&image, name.to_string(), path)?];
-            if args.backing_chain {
-                let mut next = image.backing();
-                while let Some(layer) = next {
-                    let layer_path = layer.path().map(Path::to_path_buf).unwrap_or_default();
-                    let layer_name = layer_path.display().to_string();
-                    match &*layer {
-                        BackingLayer::Raw { .. } => {
-                            layers.push(raw_info(layer_name, &layer_path)?);
-                            next = None;
-                        }
-                        BackingLayer::Qed(backing) => {
-                            layers.push(qed_info(backing, layer_name, &layer_path)?);
-                            next = backing.backing();
-                        }
-                    }
+    }];
+    if args.backing_chain {
+        let mut next = opened.disk.image().and_then(Image::backing);
+        while let Some(layer) = next {
+            let layer_path = layer.path().map(Path::to_path_buf).unwrap_or_default();
+            let layer_name = layer_path.display().to_string();
+            match &*layer {
+                BackingLayer::Raw { storage, .. } => {
+                    layers.push(raw_info(layer_name, Some(&layer_path), "raw", &**storage)?);
+                    next = None;
+                }
+                BackingLayer::Qed(backing) => {
+                    layers.push(qed_info(backing, layer_name, Some(&layer_path))?);
+                    next = backing.backing();
                 }
             }
-            Ok(layers)
         }
     }
+    drop(opened);
+    Ok(layers)
 }
 
 /// The `file` child node of an image file.
@@ -237,34 +239,51 @@ fn file_node(name: &str, path: &Path) -> Result<(FileNode, u64), String> {
     Ok((node, actual_size))
 }
 
-fn raw_info(name: String, path: &Path) -> Result<ImageInfo, String> {
-    let (node, actual_size) = file_node(&name, path)?;
+/// The child nodes and disk size of a layer: its file when it has one.
+fn file_children(path: Option<&Path>) -> Result<(Vec<ChildNode>, u64), String> {
+    match path {
+        Some(path) => {
+            let (node, actual_size) = file_node(&path.display().to_string(), path)?;
+            Ok((
+                vec![ChildNode {
+                    name: "file",
+                    info: node,
+                }],
+                actual_size,
+            ))
+        }
+        None => Ok((Vec::new(), 0)),
+    }
+}
+
+fn raw_info(
+    name: String,
+    path: Option<&Path>,
+    format: &'static str,
+    storage: &dyn Storage,
+) -> Result<ImageInfo, String> {
+    let (children, actual_size) = file_children(path)?;
+    let len = storage.len().map_err(|e| os_text(&e))?;
     Ok(ImageInfo {
         backing_filename_format: None,
-        virtual_size: node.virtual_size,
+        virtual_size: sector_rounded_len(len),
         cluster_size: None,
-        format: ImageFormat::Raw.name(),
+        format,
         actual_size,
         format_specific: None,
         full_backing_filename: None,
         backing_filename: None,
         dirty_flag: false,
-        children: vec![ChildNode {
-            name: "file",
-            info: node,
-        }],
+        children,
         filename: name,
     })
 }
 
-fn qed_info(image: &Image, name: String, path: &Path) -> Result<ImageInfo, String> {
-    let (node, actual_size) = file_node(&name, path)?;
+fn qed_info(image: &Image, name: String, path: Option<&Path>) -> Result<ImageInfo, String> {
+    let (children, actual_size) = file_children(path)?;
     let info = image.info();
     Ok(ImageInfo {
-        children: vec![ChildNode {
-            name: "file",
-            info: node,
-        }],
+        children,
         backing_filename_format: info.backing_format.map(|f| ImageFormat::from(f).name()),
         virtual_size: info.size,
         filename: name,

@@ -29,6 +29,7 @@ mod resize;
 mod serve;
 mod size;
 mod snapshot;
+mod spec;
 mod text;
 
 use std::ffi::OsString;

@@ -5,11 +5,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use qed_image::ops::{self, Disk, MapEntry};
-use qed_image::{BackingPolicy, OpenOptions};
 
-use crate::error::{errno_text, open_failure, CliError, CliResult};
+use crate::error::{errno_text, CliError, CliResult};
 use crate::format::{ImageFormat, OutputFormat};
 use crate::size::cvtnum;
+use crate::spec::{self, Access};
 
 /// Arguments of `qed map`.
 #[derive(Debug, clap::Args)]
@@ -39,7 +39,10 @@ pub struct MapArgs {
     /// Output format.
     #[arg(long = "output", value_name = "FMT", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
-    /// The image file.
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The image: a file name, `file:NAME`, `json:{...}` (see docs/cli.md).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 }
@@ -90,14 +93,13 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
         Some(text) => Some(cvtnum("max length", text)?),
         None => None,
     };
-    let name = args.file.display().to_string();
-    let options = OpenOptions {
-        force_share: args.force_share,
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::read_only()
+    let access = Access {
+        unlocked: args.force_share,
+        ..Access::read_only()
     };
-    let disk = Disk::open(&args.file, args.format.map(Into::into), &options)
-        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
+    let opened = spec::open_arg(args.file.as_os_str(), args.image_opts, args.format, &access)?;
+    let name = opened.name;
+    let disk = opened.disk;
     // The file each depth's data lives in, named as QEMU names it.
     let files: Vec<String> = disk
         .layer_paths()

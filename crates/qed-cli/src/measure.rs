@@ -10,8 +10,7 @@
 use std::path::PathBuf;
 
 use qed_image::format::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE};
-use qed_image::ops::{self, Disk, MeasureFormat, Measurement};
-use qed_image::{BackingPolicy, OpenOptions};
+use qed_image::ops::{self, MeasureFormat, Measurement};
 use serde::Serialize;
 
 use crate::error::{open_failure, CliError, CliResult};
@@ -19,6 +18,7 @@ use crate::format::{ImageFormat, OutputFormat};
 use crate::json::to_qemu_json;
 use crate::options::OptionList;
 use crate::size::{cvtnum, parse_size};
+use crate::spec::{self, Access};
 
 /// Arguments of `qed measure`.
 #[derive(Debug, clap::Args)]
@@ -44,6 +44,9 @@ pub struct MeasureArgs {
     /// Output format.
     #[arg(long = "output", value_name = "FMT", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The source image.
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
@@ -69,7 +72,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
         return Err(plain("At most one filename argument is allowed."));
     }
     let file = args.files.first();
-    if file.is_none() && args.format.is_some() {
+    if file.is_none() && (args.format.is_some() || args.image_opts) {
         return Err(plain(
             "--image-opts, -f, and -l require a filename argument.",
         ));
@@ -83,19 +86,11 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
     let source = match file {
         None => None,
         Some(path) => {
-            let open = OpenOptions {
-                force_share: args.force_share,
-                backing: BackingPolicy::Follow,
-                ..OpenOptions::read_only()
+            let access = Access {
+                unlocked: args.force_share,
+                ..Access::read_only()
             };
-            Some(
-                Disk::open(path, args.format.map(Into::into), &open).map_err(|e| {
-                    CliError::new(
-                        format!("Could not open '{}'", path.display()),
-                        open_failure(&e),
-                    )
-                })?,
-            )
+            Some(spec::open_arg(path.as_os_str(), args.image_opts, args.format, &access)?.disk)
         }
     };
     let target = args.target_format.as_deref().unwrap_or("raw");

@@ -21,6 +21,7 @@ use qed_image::{
 use crate::error::{errno_text, open_failure, CliError, CliResult};
 use crate::format::{CacheArg, ImageFormat};
 use crate::progress::Progress;
+use crate::spec;
 
 /// Arguments of `qed rebase`.
 #[derive(Debug, clap::Args)]
@@ -58,6 +59,9 @@ pub struct RebaseArgs {
     /// Print nothing but errors.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image file.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
@@ -92,7 +96,8 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         ),
     };
     let name = args.file.display().to_string();
-    let format = ImageFormat::resolve(&args.file, args.format)
+    let (file, given) = spec::plain_arg(args.file.as_os_str(), args.image_opts, args.format)?;
+    let format = ImageFormat::resolve(&file, given)
         .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
     let wanted = args.backing.clone().filter(|b| !b.is_empty());
     let shown = wanted.clone().unwrap_or_default();
@@ -115,7 +120,7 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         },
         ..OpenOptions::read_write()
     };
-    let image = Image::open(&args.file, &options)
+    let image = Image::open(&file, &options)
         .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
     let target = match &wanted {
         None => None,

@@ -7,12 +7,12 @@
 
 use std::path::PathBuf;
 
-use qed_image::ops::{self, Disk, Preallocation, ResizeError, ResizeOptions, SizeChange};
-use qed_image::{BackingPolicy, OpenOptions};
+use qed_image::ops::{self, Preallocation, ResizeError, ResizeOptions, SizeChange};
 
 use crate::error::{open_failure, CliError, CliResult};
 use crate::format::ImageFormat;
 use crate::size::{parse_size, SizeError};
+use crate::spec::{self, Access};
 
 /// Arguments of `qed resize`.
 #[derive(Debug, clap::Args)]
@@ -32,6 +32,9 @@ pub struct ResizeArgs {
     /// Print nothing but errors.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// FILE is an option string (`driver=qed,file.filename=x.qed`), not a file name.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image file.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
@@ -69,12 +72,11 @@ pub fn run(args: &ResizeArgs) -> CliResult<i32> {
     };
     let change = size_change(&args.size)?;
     let name = args.file.display().to_string();
-    let options = OpenOptions {
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::read_write()
+    let access = Access {
+        writable: true,
+        ..Access::read_only()
     };
-    let disk = Disk::open(&args.file, args.format.map(Into::into), &options)
-        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
+    let disk = spec::open_arg(args.file.as_os_str(), args.image_opts, args.format, &access)?.disk;
     let result = ops::resize(
         &disk,
         change,

@@ -201,8 +201,12 @@ impl Image {
         label: String,
         open_backing: impl FnOnce(&[u8], Option<BackingFormat>) -> Result<Option<BackingLayer>>,
     ) -> Result<Self> {
-        Self::open_with(storage, options, label, None, |header, name| {
-            match options.backing {
+        Self::open_with(
+            storage,
+            options,
+            label,
+            None,
+            |header, name| match options.backing {
                 BackingPolicy::Ignore => Ok(None),
                 BackingPolicy::Deny => Err(Error::Unsupported(format!(
                     "image names backing file {:?} and opening backing files is denied",
@@ -211,8 +215,8 @@ impl Image {
                 BackingPolicy::Follow => {
                     open_backing(name, header.backing_is_raw().then_some(BackingFormat::Raw))
                 }
-            }
-        })
+            },
+        )
     }
 
     fn open_with(

@@ -1,7 +1,8 @@
 //! Opening, closing and reopening the image of `qed io`, with qemu-io's checks and QEMU's
 //! words for what went wrong (`Could not open 'x': No such file or directory`).
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use qed_image::format::FormatError;
@@ -14,6 +15,7 @@ use super::target::Target;
 use crate::error::os_text;
 use crate::format::ImageFormat;
 use crate::snapshot::Overlay;
+use crate::spec::{open_disk, Access, ImageSpec, Options};
 
 /// The open image.
 #[derive(Debug)]
@@ -25,6 +27,8 @@ pub struct Session {
     format: ImageFormat,
     /// With `-s`: the overlay, removed once the disk is closed.
     overlay: Option<Overlay>,
+    /// The image name, when it is more than a file: reopened from it.
+    tree: Option<ImageSpec>,
 }
 
 /// What to open: a file name and flags, and options (`-o`, `--image-opts`).
@@ -129,27 +133,13 @@ pub fn open_error(e: &Error, name: &str) -> String {
     }
 }
 
-/// The options of `-o` this implementation knows, applied to `request`; the first it does
-/// not know is returned (QEMU names it in its error).
-fn apply_options(request: &mut OpenRequest) -> Result<Option<String>, String> {
-    let mut unknown = None;
+/// The flags the top node's options set, applied to `request` (the image name's parser
+/// refuses the options no node takes).
+fn apply_options(request: &mut OpenRequest) -> Result<(), String> {
     let options = std::mem::take(&mut request.options);
     for (key, value) in &options {
         let flags = &mut request.flags;
         match key.as_str() {
-            "driver" => request.format = Some(value.clone()),
-            "file.filename" | "filename" => {
-                if request.name.is_none() {
-                    request.name = Some(value.clone());
-                }
-            }
-            // A reference to a node by name: there are no other nodes here.
-            "file" if request.name.is_none() => {
-                return Err(format!(
-                    "Cannot find device='{value}' nor node-name='{value}'"
-                ));
-            }
-            "file.driver" if value == "file" => {}
             "read-only" => {
                 if parse_bool(key, value)? && !flags.read_only {
                     return Err("Block node is read-only".into());
@@ -171,14 +161,27 @@ fn apply_options(request: &mut OpenRequest) -> Result<Option<String>, String> {
             }
             "file.locking" => flags.no_lock = value == "off",
             "backing" if value.is_empty() || value == "null" => flags.no_backing = true,
-            _ => {
-                if unknown.is_none() {
-                    unknown = Some(key.clone());
-                }
-            }
+            _ => {}
         }
     }
-    Ok(unknown)
+    Ok(())
+}
+
+/// Opens an image name that is more than a file, with `flags`.
+fn open_target(
+    spec: &ImageSpec,
+    flags: &OpenFlags,
+    con: &mut Console<'_>,
+) -> Result<Target, String> {
+    let access = Access {
+        writable: !flags.read_only,
+        unlocked: flags.unlocked(),
+        cache: flags.cache_mode(),
+        backing: !flags.no_backing,
+    };
+    let opened = open_disk(spec, &access, &mut |name| con.err(&probe_warning(name)))
+        .map_err(|e| e.text(&|e, file| open_error(e, file)))?;
+    Ok(Target::from_disk(opened.disk))
 }
 
 /// QEMU's warning when a raw format was guessed.
@@ -194,42 +197,24 @@ fn probe_warning(name: &str) -> String {
 impl Session {
     /// Opens what `request` names; the error is QEMU's text after `can't open device X: `.
     pub fn open(mut request: OpenRequest, con: &mut Console<'_>) -> Result<Self, String> {
-        let named_by_options = request.name.is_none();
-        if named_by_options && !request.options.is_empty() {
-            let has = |keys: &[&str]| {
-                request
-                    .options
-                    .iter()
-                    .any(|(k, _)| keys.contains(&k.as_str()))
-            };
-            if !has(&["driver", "file", "file.filename", "filename"]) {
-                return Err("Must specify either driver or file".into());
-            }
-            if !has(&["file", "file.filename", "filename"]) {
-                return Err("A block device must be specified for \"file\"".into());
-            }
+        if request.name.as_deref().is_none_or(str::is_empty) && request.options.is_empty() {
+            return Err("The 'file' block driver requires a file name".into());
         }
-        let unknown = apply_options(&mut request)?;
+        let spec = ImageSpec::parse(
+            request.name.as_deref().map(OsStr::new),
+            Options::from_pairs(std::mem::take(&mut request.options)),
+            request.format.as_deref(),
+        )?;
+        for warning in &spec.warnings {
+            con.error(warning);
+        }
+        // The flags of the top node's options, those of a `json:` name included.
+        request.options = spec.options.pairs();
+        apply_options(&mut request)?;
         let flags = request.flags;
         if flags.force_share && !flags.read_only {
             return Err("force-share=on can only be used with read-only images".into());
         }
-        let Some(name) = request.name.clone().filter(|n| !n.is_empty()) else {
-            return Err("The 'file' block driver requires a file name".into());
-        };
-        let path = Path::new(&name);
-        let format = match request.format.as_deref() {
-            Some(given) => {
-                ImageFormat::from_name(given).ok_or_else(|| format!("Unknown driver '{given}'"))?
-            }
-            None => {
-                let format = ImageFormat::resolve(path, None).map_err(|e| open_error(&e, &name))?;
-                if format == ImageFormat::Raw {
-                    con.err(&probe_warning(&name));
-                }
-                format
-            }
-        };
         if flags.native_aio && !flags.nocache {
             return Err(
                 "aio=native was specified, but it requires cache.direct=on, which was not specified."
@@ -239,9 +224,22 @@ impl Session {
         if flags.copy_on_read && flags.read_only {
             return Err("Can't use copy-on-read on read-only device".into());
         }
-        if unknown.is_some() || flags.snapshot {
-            // The file must open as an image before an option is refused or an overlay is put
-            // on it, as in QEMU.
+        let Some((path, given)) = spec.plain() else {
+            return Self::open_tree(spec, flags, con);
+        };
+        let name = spec.display_name();
+        let format = match given {
+            Some(format) => format,
+            None => {
+                let format = ImageFormat::resolve(path, None).map_err(|e| open_error(&e, &name))?;
+                if format == ImageFormat::Raw {
+                    con.err(&probe_warning(&name));
+                }
+                format
+            }
+        };
+        let (overlay, opened, opened_format) = if flags.snapshot {
+            // The file must open as an image before an overlay is put on it, as in QEMU.
             Target::open(
                 path,
                 format,
@@ -252,14 +250,6 @@ impl Session {
             )
             .and_then(Target::close)
             .map_err(|e| open_error(&e, &name))?;
-        }
-        if let Some(key) = unknown {
-            return Err(format!(
-                "Block format '{}' does not support the option '{key}'",
-                format.name()
-            ));
-        }
-        let (overlay, opened, opened_format) = if flags.snapshot {
             let overlay = Overlay::create(path, format).map_err(|e| open_error(&e, &name))?;
             let opened = overlay.path().to_path_buf();
             (Some(overlay), opened, ImageFormat::Qed)
@@ -274,6 +264,28 @@ impl Session {
             path: opened,
             format: opened_format,
             overlay,
+            tree: None,
+        })
+    }
+
+    /// Opens an image whose name is more than a file (blkdebug, quorum, a format over a
+    /// format, a protocol node alone).
+    fn open_tree(spec: ImageSpec, flags: OpenFlags, con: &mut Console<'_>) -> Result<Self, String> {
+        if flags.snapshot {
+            return Err(format!(
+                "snapshot mode is supported for image files only, not for {}",
+                spec.display_name()
+            ));
+        }
+        let target = open_target(&spec, &flags, con)?;
+        let format = target.format();
+        Ok(Self {
+            disk: Arc::new(Disk::new(target, &flags)),
+            flags,
+            path: PathBuf::from(spec.display_name()),
+            format,
+            overlay: None,
+            tree: Some(spec),
         })
     }
 
@@ -309,6 +321,7 @@ impl Session {
             path,
             format,
             overlay,
+            tree,
         } = self;
         let name = path.display().to_string();
         let closed = match Arc::try_unwrap(disk) {
@@ -318,7 +331,13 @@ impl Session {
         if let Err(e) = closed {
             return (None, Err(format!("Could not close '{name}': {e}")));
         }
-        let open = |flags: &OpenFlags| Target::open(&path, format, flags);
+        let open = |flags: &OpenFlags| match &tree {
+            Some(spec) => {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                open_target(spec, flags, &mut Console::new(&mut out, &mut err))
+            }
+            None => Target::open(&path, format, flags).map_err(|e| open_error(&e, &name)),
+        };
         match open(&flags) {
             Ok(target) => (
                 Some(Self {
@@ -327,17 +346,18 @@ impl Session {
                     path: path.clone(),
                     format,
                     overlay,
+                    tree,
                 }),
                 Ok(()),
             ),
-            Err(e) => {
-                let why = open_error(&e, &name);
+            Err(why) => {
                 let back = open(&old).ok().map(|target| Self {
                     disk: Arc::new(Disk::new(target, &old)),
                     flags: old,
                     path: path.clone(),
                     format,
                     overlay,
+                    tree: tree.clone(),
                 });
                 (back, Err(why))
             }

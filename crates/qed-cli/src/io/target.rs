@@ -3,19 +3,29 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use qed_image::ops::Disk;
 use qed_image::storage::{FileOptions, FileStorage, LockMode, Storage};
 use qed_image::{BackingPolicy, Error, ExtentKind, Image, OpenOptions, Result, ZeroFlags};
 
 use super::flags::OpenFlags;
 use crate::format::{sector_rounded_len, ImageFormat};
 
-/// A raw disk image: guest byte N is file byte N; the size is the file length rounded up to
-/// whole sectors, as QEMU sees it.
-#[derive(Debug)]
+/// A raw disk image: guest byte N is byte N of its storage (a file, or the tree of storages
+/// an image name puts together); the size is the storage's length rounded up to whole
+/// sectors, as QEMU sees it.
 pub struct RawFile {
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     size: AtomicU64,
     writable: bool,
+}
+
+impl std::fmt::Debug for RawFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawFile")
+            .field("size", &self.size)
+            .field("writable", &self.writable)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An open image.
@@ -71,11 +81,25 @@ impl Target {
                 .map_err(io_error("open", 0))?;
                 let len = storage.len().map_err(io_error("open", 0))?;
                 Ok(Target::Raw(RawFile {
-                    storage,
+                    storage: Box::new(storage),
                     size: AtomicU64::new(sector_rounded_len(len)),
                     writable,
                 }))
             }
+        }
+    }
+
+    /// The target a disk opened by its image name is: a QED image as it is, anything else as
+    /// raw bytes.
+    pub fn from_disk(disk: Disk) -> Self {
+        let (size, writable) = (disk.size(), disk.is_writable());
+        match disk {
+            Disk::Qed(image) => Target::Qed(image),
+            Disk::Raw(raw) => Target::Raw(RawFile {
+                storage: raw.into_storage(),
+                size: AtomicU64::new(size),
+                writable,
+            }),
         }
     }
 

@@ -346,8 +346,8 @@ fn run(
     };
     progress(0, size);
     let step = |copier: &mut Copier<'_, '_>,
-                    status: BlockStatus,
-                    progress: &mut dyn FnMut(u64, u64)|
+                status: BlockStatus,
+                progress: &mut dyn FnMut(u64, u64)|
      -> Result<(), ConvertError> {
         let (start, end) = (status.offset, status.offset + status.length);
         let left_to_base = status.depth >= 1 || status.kind == StatusKind::Unallocated;
@@ -634,8 +634,11 @@ mod tests {
         let storage = BlkdebugStorage::new(file, 0, rules).unwrap();
         let source = Disk::Raw(RawDisk::new(Box::new(storage), false).unwrap());
         let target = Disk::Raw(
-            RawDisk::new(Box::new(MemoryStorage::from_bytes(vec![0; 4 * MIB as usize])), true)
-                .unwrap(),
+            RawDisk::new(
+                Box::new(MemoryStorage::from_bytes(vec![0; 4 * MIB as usize])),
+                true,
+            )
+            .unwrap(),
         );
         let mut warnings = Vec::new();
         let options = ConvertOptions::default();

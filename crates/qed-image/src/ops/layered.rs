@@ -199,11 +199,9 @@ mod tests {
 
     #[test]
     fn block_status_and_holes_follow_the_disk() {
-        let raw = super::super::RawDisk::new(
-            Box::new(MemoryStorage::from_bytes(vec![1; 4096])),
-            true,
-        )
-        .unwrap();
+        let raw =
+            super::super::RawDisk::new(Box::new(MemoryStorage::from_bytes(vec![1; 4096])), true)
+                .unwrap();
         let storage = DiskStorage::new(Disk::Raw(raw));
         assert_eq!(storage.block_status(0, 4096).unwrap(), (true, 4096));
         assert_eq!(storage.next_data(0).unwrap(), Some(0));

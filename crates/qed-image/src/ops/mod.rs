@@ -29,7 +29,8 @@ pub use bench::{bench, BenchError, BenchOptions, MAX_BUFFER_BYTES, MAX_WORKERS};
 pub use commit::{commit, CommitError, CommitOptions, CommitStats};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, Side};
 pub use convert::{
-    convert, convert_salvaging, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
+    convert, convert_salvaging, create_target, ConvertError, ConvertOptions, ConvertStats,
+    NewTarget, MAX_SPARSE_SIZE,
 };
 pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
 pub use disk::{Disk, RawDisk};

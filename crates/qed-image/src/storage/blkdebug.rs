@@ -387,8 +387,8 @@ mod tests {
 
     #[test]
     fn widened_writes_change_only_their_bytes() {
-        let s = BlkdebugStorage::new(MemoryStorage::from_bytes(vec![7; 16384]), 4096, vec![])
-            .unwrap();
+        let s =
+            BlkdebugStorage::new(MemoryStorage::from_bytes(vec![7; 16384]), 4096, vec![]).unwrap();
         assert_eq!(s.alignment(), 4096);
         s.write_at(&[1; 100], 4000).unwrap();
         s.write_zeroes(10, 9000).unwrap();

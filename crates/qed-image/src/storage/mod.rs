@@ -159,44 +159,53 @@ pub fn write_zero_bytes<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64)
     Ok(())
 }
 
-impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).punch_hole(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).write_zeroes(offset, len)
-    }
-    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        (**self).next_data(offset)
-    }
-    fn next_hole(&self, offset: u64) -> io::Result<u64> {
-        (**self).next_hole(offset)
-    }
-    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
-        (**self).is_hole(offset, len)
-    }
-    fn block_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
-        (**self).block_status(offset, len)
-    }
-    fn alignment(&self) -> u64 {
-        (**self).alignment()
-    }
+/// Forwards every method through a pointer to a storage (`Box`, `Arc`).
+macro_rules! forward_storage {
+    ($ty:ty) => {
+        impl<S: Storage + ?Sized> Storage for $ty {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
+            fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).punch_hole(offset, len)
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).write_zeroes(offset, len)
+            }
+            fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+                (**self).next_data(offset)
+            }
+            fn next_hole(&self, offset: u64) -> io::Result<u64> {
+                (**self).next_hole(offset)
+            }
+            fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+                (**self).is_hole(offset, len)
+            }
+            fn block_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+                (**self).block_status(offset, len)
+            }
+            fn alignment(&self) -> u64 {
+                (**self).alignment()
+            }
+        }
+    };
 }
+
+forward_storage!(Box<S>);
+
+forward_storage!(std::sync::Arc<S>);
 
 #[cfg(test)]
 mod tests {

@@ -195,8 +195,8 @@ mod tests {
         q.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [2, 2, 3, 3, 3, 3, 2, 2]);
         assert_eq!(q.len().unwrap(), 8);
-        let split = QuorumStorage::new(vec![child(&[1]), child(&[2])], 2, ReadPattern::Quorum)
-            .unwrap();
+        let split =
+            QuorumStorage::new(vec![child(&[1]), child(&[2])], 2, ReadPattern::Quorum).unwrap();
         assert!(split.read_at(&mut [0u8; 1], 0).is_err());
         let fifo =
             QuorumStorage::new(vec![child(&[1]), child(&[2])], 1, ReadPattern::Fifo).unwrap();

@@ -171,7 +171,17 @@ impl Storage for FileStorage {
             CacheMode::Unsafe => Ok(()),
             // fdatasync is per inode: it also covers writes made through the buffered
             // descriptor of O_DIRECT mode.
-            CacheMode::Writeback | CacheMode::None => self.file.sync_data(),
+            CacheMode::Writeback | CacheMode::None => match self.file.sync_data() {
+                // A special file (a character device such as /dev/null) has nothing to sync.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if self.file.metadata()?.file_type().is_file() {
+                        Err(e)
+                    } else {
+                        Ok(())
+                    }
+                }
+                other => other,
+            },
         }
     }
 

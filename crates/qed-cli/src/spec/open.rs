@@ -1,0 +1,423 @@
+//! Opening a parsed image: a format over a plain file opens as that file does (the engine
+//! finds its backing files next to it); any other tree is put together from storages — files,
+//! blkdebug and quorum over them, and format nodes used as the storage of another
+//! ([`DiskStorage`]).
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use qed_image::ops::{Disk, DiskStorage, RawDisk};
+use qed_image::storage::{
+    BlkdebugStorage, CacheMode, FileOptions, FileStorage, LockMode, QuorumStorage, Storage,
+};
+use qed_image::{has_qed_magic, probe_format, BackingLayer, BackingPolicy, Error, OpenOptions};
+
+use super::{bool_of, BackingSpec, FileDriver, FileNode, FormatNode, ImageSpec, Node};
+use crate::error::os_text;
+use crate::format::ImageFormat;
+
+/// How an image is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// For writing.
+    pub writable: bool,
+    /// Without taking the image locks.
+    pub unlocked: bool,
+    /// The page-cache mode of its files.
+    pub cache: CacheMode,
+    /// Whether backing files are opened.
+    pub backing: bool,
+}
+
+impl Access {
+    /// Read-only, locked, through the page cache, with backing files.
+    pub fn read_only() -> Self {
+        Self {
+            writable: false,
+            unlocked: false,
+            cache: CacheMode::Writeback,
+            backing: true,
+        }
+    }
+
+    fn options(&self, unlocked: bool) -> OpenOptions {
+        OpenOptions {
+            writable: self.writable,
+            force_share: self.unlocked || unlocked,
+            cache: self.cache,
+            backing: if self.backing {
+                BackingPolicy::Follow
+            } else {
+                BackingPolicy::Ignore
+            },
+            ..OpenOptions::default()
+        }
+    }
+}
+
+/// An open image.
+#[derive(Debug)]
+pub struct OpenedDisk {
+    /// The disk.
+    pub disk: Disk,
+    /// Its format (`file` and the like for a protocol node opened alone).
+    pub format: &'static str,
+    /// QEMU's name of it ([`ImageSpec::display_name`]).
+    pub name: String,
+    /// Where its backing file names resolve ([`ImageSpec::dirname`]).
+    pub dir: Option<PathBuf>,
+    /// The file it was opened from, when it is a format over a plain file.
+    pub path: Option<PathBuf>,
+}
+
+/// Why an image could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// QEMU's words for it, complete.
+    Message(String),
+    /// The engine failed on `file`.
+    Engine {
+        /// The file it is about.
+        file: String,
+        /// What failed.
+        error: Error,
+    },
+    /// The backing file could not be opened.
+    Backing(Box<OpenError>),
+}
+
+impl OpenError {
+    /// The text after `Could not open 'NAME': `, engine errors worded by `engine(error,
+    /// file)`.
+    pub fn text(&self, engine: &dyn Fn(&Error, &str) -> String) -> String {
+        match self {
+            Self::Message(text) => text.clone(),
+            Self::Engine { file, error } => engine(error, file),
+            Self::Backing(inner) => format!("Could not open backing file: {}", inner.text(engine)),
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(text: String) -> Self {
+        Self::Message(text)
+    }
+}
+
+/// Opens `spec`: the engine's image for a format over a plain file (or a raw file), else the
+/// tree of storages it names. `probed_raw(name)` is called when a format was probed as raw.
+/// Options no node takes are refused (after the nodes under them opened, as in QEMU).
+pub fn open_disk(
+    spec: &ImageSpec,
+    access: &Access,
+    probed_raw: &mut dyn FnMut(&str),
+) -> Result<OpenedDisk, OpenError> {
+    let mut access = *access;
+    if let Some(value) = spec.options.0.get("force-share") {
+        access.unlocked |= bool_of("force-share", value)?;
+    }
+    if let Some(value) = spec.options.0.get("cache.direct") {
+        if bool_of("cache.direct", value)? {
+            access.cache = CacheMode::None;
+        }
+    }
+    if let Some(value) = spec.options.0.get("cache.no-flush") {
+        if bool_of("cache.no-flush", value)? && access.cache == CacheMode::Writeback {
+            access.cache = CacheMode::Unsafe;
+        }
+    }
+    if spec.no_backing() {
+        access.backing = false;
+    }
+    let name = spec.display_name();
+    let dir = spec.dirname();
+    if let (Some((path, given)), Node::Format(top)) = (spec.plain(), &spec.node) {
+        let Node::File(file) = &*top.file else {
+            unreachable!("plain() is a format over a file")
+        };
+        let engine = |error| OpenError::Engine {
+            file: path.display().to_string(),
+            error,
+        };
+        let format = match given {
+            Some(format) => format,
+            None => {
+                let format = ImageFormat::from(probe_format(path).map_err(engine)?);
+                if format == ImageFormat::Raw {
+                    probed_raw(&name);
+                }
+                format
+            }
+        };
+        let options = access.options(locking_off(file)?);
+        let disk = Disk::open(path, Some(format.into()), &options).map_err(engine)?;
+        return Ok(OpenedDisk {
+            disk,
+            format: format.name(),
+            name,
+            dir,
+            path: Some(path.to_path_buf()),
+        });
+    }
+    let (disk, format) = open_node(&spec.node, &access, probed_raw)?;
+    Ok(OpenedDisk {
+        disk,
+        format,
+        name,
+        dir,
+        path: None,
+    })
+}
+
+/// Whether a file node says `locking=off`.
+fn locking_off(file: &FileNode) -> Result<bool, String> {
+    match file.locking.as_deref() {
+        None | Some("auto") => Ok(false),
+        Some(value) => Ok(!bool_of(
+            "locking",
+            &serde_json::Value::String(value.into()),
+        )?),
+    }
+}
+
+/// Opens a node as a disk: a format node as its format, any other as raw bytes.
+fn open_node(
+    node: &Node,
+    access: &Access,
+    probed_raw: &mut dyn FnMut(&str),
+) -> Result<(Disk, &'static str), OpenError> {
+    match node {
+        Node::Format(format) => open_format(format, access, probed_raw),
+        other => {
+            let storage = open_storage(other, access, probed_raw)?;
+            let disk =
+                RawDisk::new(storage, access.writable).map_err(|error| OpenError::Engine {
+                    file: other.display_name(),
+                    error,
+                })?;
+            Ok((Disk::Raw(disk), other.driver_name()))
+        }
+    }
+}
+
+/// Opens a format node over the storage of its `file` child.
+fn open_format(
+    node: &FormatNode,
+    access: &Access,
+    probed_raw: &mut dyn FnMut(&str),
+) -> Result<(Disk, &'static str), OpenError> {
+    let storage = open_storage(&node.file, access, probed_raw)?;
+    let label = node.file.display_name();
+    let engine = |error| OpenError::Engine {
+        file: label.clone(),
+        error,
+    };
+    let format = match node.driver {
+        Some(format) => format,
+        None => {
+            let mut magic = [0u8; 4];
+            storage.read_at(&mut magic, 0).map_err(|e| {
+                engine(Error::Io {
+                    op: "read",
+                    offset: 0,
+                    source: e,
+                })
+            })?;
+            if has_qed_magic(&magic) {
+                ImageFormat::Qed
+            } else {
+                probed_raw(&Node::Format(node.clone()).display_name());
+                ImageFormat::Raw
+            }
+        }
+    };
+    let disk = match format {
+        ImageFormat::Raw => Disk::Raw(RawDisk::new(storage, access.writable).map_err(engine)?),
+        ImageFormat::Qed => {
+            let mut failed: Option<OpenError> = None;
+            let dir = node.file.dirname();
+            let backing_access = Access {
+                writable: false,
+                ..*access
+            };
+            let opened = qed_image::Image::open_storage_with(
+                storage,
+                &access.options(false),
+                label.clone(),
+                |name, given| {
+                    open_backing(node, dir.as_deref(), name, given, &backing_access).map_err(|e| {
+                        failed = Some(e);
+                        Error::Chain("backing file".into())
+                    })
+                },
+            );
+            match opened {
+                Ok(image) => Disk::Qed(image),
+                Err(error) => {
+                    return Err(match failed {
+                        Some(backing) => OpenError::Backing(Box::new(backing)),
+                        None => engine(error),
+                    })
+                }
+            }
+        }
+    };
+    let unknown = node
+        .unknown
+        .clone()
+        .or_else(|| match (&node.backing, access.backing) {
+            // Without backing files (qemu-img info), a backing override is an option left over.
+            (BackingSpec::Reference(_), false) => Some("backing".into()),
+            (BackingSpec::Node(_), false) => Some("backing.driver".into()),
+            _ => None,
+        });
+    if let Some(key) = unknown {
+        let _ = disk.close();
+        return Err(OpenError::Message(format!(
+            "Block format '{}' does not support the option '{key}'",
+            format.name()
+        )));
+    }
+    Ok((disk, format.name()))
+}
+
+/// The backing layer of a QED image opened on storage: as the options say, or the file the
+/// header names, resolved against the directory of the image's file.
+fn open_backing(
+    node: &FormatNode,
+    dir: Option<&Path>,
+    name: &[u8],
+    given: Option<qed_image::BackingFormat>,
+    access: &Access,
+) -> Result<Option<BackingLayer>, OpenError> {
+    match &node.backing {
+        BackingSpec::Null => Ok(None),
+        BackingSpec::Reference(r) => Err(OpenError::Message(format!(
+            "Cannot find device='{r}' nor node-name='{r}'"
+        ))),
+        BackingSpec::Node(backing) => {
+            let (disk, _) = open_node(backing, access, &mut |_| {})?;
+            Ok(Some(match disk {
+                Disk::Qed(image) => BackingLayer::Qed(Box::new(image)),
+                Disk::Raw(raw) => {
+                    BackingLayer::raw(raw.into_storage()).map_err(|error| OpenError::Engine {
+                        file: backing.display_name(),
+                        error,
+                    })?
+                }
+            }))
+        }
+        BackingSpec::Default => {
+            let Some(path) = super::full_backing_name(dir, name) else {
+                return Err(OpenError::Message(format!(
+                    "Cannot generate a base directory for {} nodes",
+                    node.file.driver_name()
+                )));
+            };
+            BackingLayer::open(&path, given, &access.options(false))
+                .map(Some)
+                .map_err(|error| OpenError::Engine {
+                    file: path.display().to_string(),
+                    error,
+                })
+        }
+    }
+}
+
+/// Opens a node as the storage of the node above it.
+fn open_storage(
+    node: &Node,
+    access: &Access,
+    probed_raw: &mut dyn FnMut(&str),
+) -> Result<Box<dyn Storage>, OpenError> {
+    let refuse = |driver: &str, key: &str| {
+        OpenError::Message(format!(
+            "Block protocol '{driver}' doesn't support the option '{key}'"
+        ))
+    };
+    match node {
+        Node::File(file) => {
+            let storage = open_file(file, access)?;
+            if let Some(key) = &file.unknown {
+                return Err(refuse(file.driver.name(), key));
+            }
+            Ok(Box::new(storage))
+        }
+        Node::Blkdebug(debug) => {
+            let inner = open_storage(&debug.image, access, probed_raw)?;
+            let storage = BlkdebugStorage::new(inner, debug.align, debug.rules.clone())
+                .map_err(|e| OpenError::Message(e.to_string()))?;
+            if let Some(key) = &debug.unknown {
+                return Err(refuse("blkdebug", key));
+            }
+            Ok(Box::new(storage))
+        }
+        Node::Quorum(quorum) => {
+            let mut children = Vec::with_capacity(quorum.children.len());
+            for child in &quorum.children {
+                let storage: Box<dyn Storage> = match child {
+                    Node::Format(_) => {
+                        Box::new(DiskStorage::new(open_node(child, access, probed_raw)?.0))
+                    }
+                    other => open_storage(other, access, probed_raw)?,
+                };
+                children.push(storage);
+            }
+            let storage = QuorumStorage::new(children, quorum.threshold, quorum.pattern)
+                .map_err(|e| OpenError::Message(e.to_string()))?;
+            if let Some(key) = &quorum.unknown {
+                return Err(OpenError::Message(format!(
+                    "Block format 'quorum' does not support the option '{key}'"
+                )));
+            }
+            Ok(Box::new(storage))
+        }
+        Node::Format(_) => Ok(Box::new(DiskStorage::new(
+            open_node(node, access, probed_raw)?.0,
+        ))),
+    }
+}
+
+/// Opens a host file as its driver wants it: `file` a regular file, `host_device` and
+/// `host_cdrom` a character or block device (QEMU's checks and words).
+fn open_file(file: &FileNode, access: &Access) -> Result<FileStorage, OpenError> {
+    let path = &file.filename;
+    let shown = path.display().to_string();
+    let lock = LockMode::for_access(access.writable, access.unlocked || locking_off(file)?);
+    let storage = FileStorage::open(
+        path,
+        &FileOptions {
+            writable: access.writable,
+            create: false,
+            cache: access.cache,
+            lock,
+        },
+    )
+    .map_err(|source| OpenError::Engine {
+        file: shown.clone(),
+        error: Error::Io {
+            op: "open",
+            offset: 0,
+            source,
+        },
+    })?;
+    let kind = storage
+        .file()
+        .metadata()
+        .map_err(|e| OpenError::Message(format!("Could not open '{shown}': {}", os_text(&e))))?
+        .file_type();
+    match file.driver {
+        FileDriver::File if !kind.is_file() => Err(OpenError::Message(format!(
+            "'file' driver requires '{shown}' to be a regular file"
+        ))),
+        FileDriver::HostDevice | FileDriver::HostCdrom
+            if !(kind.is_char_device() || kind.is_block_device()) =>
+        {
+            Err(OpenError::Message(format!(
+                "'{}' driver requires '{shown}' to be either a character or block device",
+                file.driver.name()
+            )))
+        }
+        _ => Ok(storage),
+    }
+}
