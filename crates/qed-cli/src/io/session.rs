@@ -44,43 +44,12 @@ pub struct OpenRequest {
     pub options: Vec<(String, String)>,
 }
 
-/// Parses a QEMU option string (`driver=qed,file.filename=a,,b`): comma-separated
-/// `key=value` pairs, `,,` a comma inside a value; a bare `key` is `key=on` (with QEMU's
-/// deprecation warning).
+/// Parses a QEMU option string (`driver=qed,file.filename=a,,b`) as the image names' parser
+/// does, printing its warnings (a bare `key` is `key=on`, deprecated).
 pub fn parse_options(text: &str, con: &mut Console<'_>) -> Vec<(String, String)> {
-    let mut pairs = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let mut item = String::new();
-        let mut chars = rest.char_indices().peekable();
-        let mut consumed = rest.len();
-        while let Some((i, c)) = chars.next() {
-            if c == ',' {
-                if matches!(chars.peek(), Some((_, ','))) {
-                    chars.next();
-                    item.push(',');
-                    continue;
-                }
-                consumed = i + 1;
-                break;
-            }
-            item.push(c);
-        }
-        rest = &rest[consumed..];
-        match item.split_once('=') {
-            Some((key, value)) => pairs.push((key.to_string(), value.to_string())),
-            None if item.is_empty() => {}
-            None => {
-                let (key, value) = match item.strip_prefix("no") {
-                    Some(key) if !key.is_empty() => (key.to_string(), "off"),
-                    _ => (item.clone(), "on"),
-                };
-                con.error(&format!(
-                    "warning: short-form boolean option '{item}' deprecated\nPlease use {key}={value} instead"
-                ));
-                pairs.push((key, value.to_string()));
-            }
-        }
+    let (pairs, warnings) = crate::spec::parse_option_string(text, None);
+    for warning in &warnings {
+        con.error(warning);
     }
     pairs
 }

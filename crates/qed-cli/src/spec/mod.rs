@@ -201,7 +201,8 @@ pub fn parse_option_string(
             };
             if key != "help" && key != "?" {
                 warnings.push(format!(
-                    "short-form boolean option '{name}' deprecated\nPlease use {key}={value} instead"
+                    "warning: short-form boolean option '{name}' deprecated\nPlease use \
+                     {key}={value} instead"
                 ));
             }
             pairs.push((key, value.to_string()));

@@ -160,8 +160,9 @@ fn option_strings_as_qemu_opts_reads_them() {
     assert_eq!(
         warnings,
         vec![
-            "short-form boolean option 'x' deprecated\nPlease use x=on instead".to_string(),
-            "short-form boolean option 'noy' deprecated\nPlease use y=off instead".into(),
+            "warning: short-form boolean option 'x' deprecated\nPlease use x=on instead"
+                .to_string(),
+            "warning: short-form boolean option 'noy' deprecated\nPlease use y=off instead".into(),
         ]
     );
     // qemu-img's --image-opts: a first bare word is the file.
