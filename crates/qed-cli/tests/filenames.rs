@@ -123,6 +123,9 @@ impl Run {
     }
 }
 
+/// The arguments of one case, given the scratch directory.
+type Args = Box<dyn Fn(&str) -> Vec<String>>;
+
 fn words(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -133,7 +136,7 @@ fn info_names_images_as_qemu_img_does() {
         return;
     }
     let pair = Pair::new();
-    let names: Vec<Box<dyn Fn(&str) -> Vec<String>>> = vec![
+    let names: Vec<Args> = vec![
         Box::new(|d| {
             vec![
                 "info".into(),
@@ -208,7 +211,7 @@ fn map_compare_and_convert_take_every_kind_of_name() {
         format!("json:{{'driver':'qed','file':{{'driver':'file','filename':'{d}/top.qed'}}}}")
     };
     let opts = |d: &str| format!("driver=qed,file.filename={d}/top.qed");
-    let cases: Vec<Box<dyn Fn(&str) -> Vec<String>>> = vec![
+    let cases: Vec<Args> = vec![
         Box::new(move |d| vec!["map".into(), "--output=json".into(), json(d)]),
         Box::new(move |d| {
             vec![
@@ -313,7 +316,7 @@ fn qemu_io_opens_protocol_nodes_filters_and_formats_over_formats() {
             &["convert", "-f", "raw", "-O", "qed", "base.qed", "nest.qed"],
         );
     }
-    let cases: Vec<Box<dyn Fn(&str) -> Vec<String>>> = vec![
+    let cases: Vec<Args> = vec![
         Box::new(|d| words(&["-c", &format!("open -r -o driver=file,filename={d}/adir")])),
         Box::new(|d| words(&["-c", &format!("open -o driver=file,filename={d}/adir")])),
         Box::new(|d| {

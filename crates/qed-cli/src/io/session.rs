@@ -108,29 +108,41 @@ fn apply_options(request: &mut OpenRequest) -> Result<(), String> {
     let options = std::mem::take(&mut request.options);
     for (key, value) in &options {
         let flags = &mut request.flags;
-        match key.as_str() {
-            "read-only" => {
-                if parse_bool(key, value)? && !flags.read_only {
-                    return Err("Block node is read-only".into());
-                }
+        let refused = match key.as_str() {
+            "read-only" => (parse_bool(key, value)? && !flags.read_only)
+                .then(|| "Block node is read-only".to_string()),
+            "force-share" => {
+                flags.force_share = parse_bool(key, value)?;
+                None
             }
-            "force-share" => flags.force_share = parse_bool(key, value)?,
-            "cache.direct" => flags.nocache = parse_bool(key, value)?,
-            "cache.no-flush" => flags.no_flush = parse_bool(key, value)?,
-            "copy-on-read" => flags.copy_on_read = parse_bool(key, value)?,
+            "cache.direct" => {
+                flags.nocache = parse_bool(key, value)?;
+                None
+            }
+            "cache.no-flush" => {
+                flags.no_flush = parse_bool(key, value)?;
+                None
+            }
+            "copy-on-read" => {
+                flags.copy_on_read = parse_bool(key, value)?;
+                None
+            }
             "discard" | "file.discard" => {
-                if !flags.set_discard(value) {
-                    return Err(format!("Invalid discard option: {value}"));
-                }
+                (!flags.set_discard(value)).then(|| format!("Invalid discard option: {value}"))
             }
-            "file.aio" => {
-                if !flags.set_aio(value) {
-                    return Err(format!("Invalid aio option: {value}"));
-                }
+            "file.aio" => (!flags.set_aio(value)).then(|| format!("Invalid aio option: {value}")),
+            "file.locking" => {
+                flags.no_lock = value == "off";
+                None
             }
-            "file.locking" => flags.no_lock = value == "off",
-            "backing" if value.is_empty() || value == "null" => flags.no_backing = true,
-            _ => {}
+            "backing" if value.is_empty() || value == "null" => {
+                flags.no_backing = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
+            return Err(why);
         }
     }
     Ok(())
