@@ -315,7 +315,7 @@ fn backing_of(
                 CliError::new(
                     target_name,
                     format!(
-                        "could not open backing file '{}': {}",
+                        "Could not open '{}': {}\nCould not open backing image.",
                         path.display(),
                         open_failure(&e)
                     ),

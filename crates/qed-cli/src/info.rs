@@ -144,8 +144,14 @@ impl QedData {
 /// Runs `qed info`; returns the exit code.
 pub fn run(args: &InfoArgs) -> CliResult<i32> {
     let name = args.file.display().to_string();
-    let layers = collect(args, &name)
-        .map_err(|why| CliError::new(format!("Could not open '{name}'"), why))?;
+    let layers = collect(args, &name).map_err(|failure| match failure {
+        Failure::Open(why) => CliError::new(format!("Could not open '{name}'"), why),
+        // qemu-img walks the chain itself and says so in these words.
+        Failure::Loop(path) => CliError::plain(format!(
+            "Backing file '{}' creates an infinite loop.",
+            path.display()
+        )),
+    })?;
     let text = match args.output {
         OutputFormat::Json if args.backing_chain => to_qemu_json(&layers),
         OutputFormat::Json => match layers.first() {
@@ -163,8 +169,22 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
     Ok(0)
 }
 
+/// Why the layers could not be described.
+enum Failure {
+    /// A layer could not be opened.
+    Open(String),
+    /// The chain names this file a second time.
+    Loop(std::path::PathBuf),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Self::Open(why)
+    }
+}
+
 /// Opens the image (and its chain if asked) and describes every layer.
-fn collect(args: &InfoArgs, name: &str) -> Result<Vec<ImageInfo>, String> {
+fn collect(args: &InfoArgs, name: &str) -> Result<Vec<ImageInfo>, Failure> {
     let path = args.file.as_path();
     let format = ImageFormat::resolve(path, args.format).map_err(|e| open_failure(&e))?;
     match format {
@@ -194,7 +214,10 @@ fn collect(args: &InfoArgs, name: &str) -> Result<Vec<ImageInfo>, String> {
                 },
                 ..OpenOptions::read_only()
             };
-            let image = Image::open(path, &options).map_err(|e| open_failure(&e))?;
+            let image = Image::open(path, &options).map_err(|e| match e {
+                qed_image::Error::BackingLoop { path } if args.backing_chain => Failure::Loop(path),
+                e => Failure::Open(open_failure(&e)),
+            })?;
             let mut layers = vec![qed_info(&image, name.to_string(), path)?];
             if args.backing_chain {
                 let mut next = image.backing();
