@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backing::BackingFormat;
-use crate::image::{has_qed_magic, probe_format};
+use crate::image::has_qed_magic;
 use crate::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage};
 use crate::zero::ZeroFlags;
 use crate::{Error, Image, OpenOptions, Result};
@@ -86,6 +86,14 @@ pub fn format_of_head(head: &[u8]) -> DiskFormat {
     }
 }
 
+/// The error of an operation that reads QED and raw disks only, given a qcow2 or VMDK file.
+pub fn not_here(format: DiskFormat) -> Error {
+    Error::Unsupported(format!(
+        "{} images here (convert and compare read them; -f raw takes the file as raw)",
+        format.name()
+    ))
+}
+
 /// Probes a file by its first bytes (see [`format_of_head`]).
 pub fn probe_disk_format(path: &Path) -> Result<DiskFormat> {
     let storage = FileStorage::open(
@@ -163,13 +171,18 @@ pub(crate) fn sector_rounded(len: u64) -> u64 {
 }
 
 impl Disk {
-    /// Opens `path` as `format` (probed by the QED magic when `None`). A QED image opens its
-    /// backing chain as `options.backing` says; a raw file is opened with `options.writable`,
-    /// `options.cache` and the lock `options.force_share` allows.
+    /// Opens `path` as `format` (probed by the QED magic when `None`; a qcow2 or VMDK file is
+    /// then refused, see [`not_here`]). A QED image opens its backing chain as
+    /// `options.backing` says; a raw file is opened with `options.writable`, `options.cache`
+    /// and the lock `options.force_share` allows.
     pub fn open(path: &Path, format: Option<BackingFormat>, options: &OpenOptions) -> Result<Self> {
         let format = match format {
             Some(format) => format,
-            None => probe_format(path)?,
+            None => match probe_disk_format(path)? {
+                DiskFormat::Qed => BackingFormat::Qed,
+                DiskFormat::Raw => BackingFormat::Raw,
+                other => return Err(not_here(other)),
+            },
         };
         match format {
             BackingFormat::Qed => Ok(Self::Qed(Image::open(path, options)?)),

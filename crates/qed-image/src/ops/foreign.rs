@@ -122,13 +122,8 @@ pub struct ForeignDisk {
     sync: bool,
 }
 
-fn open_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |e| {
-        Error::io("open", 0)(std::io::Error::new(
-            e.kind(),
-            format!("{}: {e}", path.display()),
-        ))
-    }
+fn open_error(e: std::io::Error) -> Error {
+    Error::io("open", 0)(e)
 }
 
 fn storage_options(cache: CacheMode) -> StorageOpenOptions {
@@ -160,7 +155,7 @@ fn open_qcow2(path: &Path, writable: bool, cache: CacheMode) -> Result<Opened> {
         .backing(None)
         .storage_open_options(storage_options(cache))
         .open(PermissiveImplicitOpenGate::default())
-        .map_err(open_error(path))?;
+        .map_err(open_error)?;
     let backing = qcow2
         .implicit_backing_file()
         .map(|name| (name.clone(), qcow2.implicit_backing_format().cloned()));
@@ -170,15 +165,32 @@ fn open_qcow2(path: &Path, writable: bool, cache: CacheMode) -> Result<Opened> {
     })
 }
 
+/// Whether the file starts with the magic of a sparse VMDK extent.
+fn starts_sparse(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"KDMV"
+}
+
 fn open_vmdk(path: &Path, writable: bool, cache: CacheMode) -> Result<Opened> {
     if writable {
         return Err(Error::Unsupported("writing VMDK images".into()));
+    }
+    if starts_sparse(path) {
+        return Err(Error::Unsupported(
+            "sparse VMDK files (monolithicSparse, streamOptimized); VMDK images are read \
+             from descriptor files with flat extents only"
+                .into(),
+        ));
     }
     let vmdk = Vmdk::<File>::builder_path(path)
         .write(false)
         .storage_open_options(storage_options(cache))
         .open(PermissiveImplicitOpenGate::default())
-        .map_err(open_error(path))?;
+        .map_err(open_error)?;
     Ok(Opened {
         access: FormatAccess::new(vmdk),
         backing: None,

@@ -33,7 +33,7 @@ pub use convert::{
     convert, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
 };
 pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
-pub use disk::{format_of_head, probe_disk_format, Disk, DiskFormat, RawDisk};
+pub use disk::{format_of_head, not_here, probe_disk_format, Disk, DiskFormat, RawDisk};
 #[cfg(feature = "foreign")]
 pub use foreign::ForeignDisk;
 pub use map::{map, MapEntries, MapEntry};
