@@ -49,7 +49,8 @@ SAMPLES="$W/samples.tsv"; : > "$SAMPLES"
 measure() {  # measure NAME TOOL CMD...
     local name=$1 tool=$2; shift 2
     local out
-    out=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
+    /usr/bin/time -o "$W/time.txt" -f '%e %M' "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }
+    out=$(tail -1 "$W/time.txt")
     printf '%s\t%s\t%s\t%s\n' "$name" "$tool" "${out% *}" "${out#* }" >> "$SAMPLES"
 }
 
