@@ -122,6 +122,7 @@ Supported qcow2 options:
   backing_file=<str>     - File name of a base image
   backing_fmt=<str>      - Image format of the base image
   cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - qcow2 version (1.1 only: version 3 is written)
   size=<size>            - Virtual disk size
 ";
 
@@ -190,7 +191,11 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         return Err(plain("Must specify image file name"));
     };
     if args.compress {
-        return Err(plain("Compression not supported for this file format"));
+        return Err(plain(if args.output_format == AnyFormat::Qcow2 {
+            "Compression not supported for qcow2 targets (imago writes no compressed clusters)"
+        } else {
+            "Compression not supported for this file format"
+        }));
     }
     let source_options = OpenOptions {
         force_share: args.force_share,
@@ -379,7 +384,22 @@ fn create(
     let target = match args.output_format {
         AnyFormat::Vmdk => return Err(plain(NO_VMDK_TARGET)),
         AnyFormat::Qcow2 => {
-            options.check_known(&["size", "backing_file", "backing_fmt", "cluster_size"])?;
+            options.check_known(&[
+                "size",
+                "backing_file",
+                "backing_fmt",
+                "cluster_size",
+                "compat",
+            ])?;
+            // Version 3 is what imago writes.
+            if let Some(compat) = options
+                .get("compat")
+                .filter(|c| !matches!(*c, "1.1" | "v3"))
+            {
+                return Err(fail(&format!(
+                    "compat={compat}: only version 3 (compat=1.1) qcow2 images are written"
+                )));
+            }
             let cluster_size = match options.get("cluster_size") {
                 None => 65536,
                 Some(text) => parse_size(text)

@@ -565,6 +565,34 @@ fn compare_verdicts_equal_qemu_img() {
     ] {
         assert_same_compare(dir, &["-s", a, b]);
     }
+    // A known difference in strict mode (docs/cli.md): imago gives a qcow2 zero cluster that
+    // keeps its allocation no host offset, so it compares equal to one that has none; QEMU
+    // sees the offset and reports a block status mismatch.
+    run_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "za.qcow2", "4M"],
+    );
+    qemu_io_ok(dir, "qcow2", "za.qcow2", &["write -z 2M 64k"]);
+    run_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "zb.qcow2", "4M"],
+    );
+    qemu_io_ok(
+        dir,
+        "qcow2",
+        "zb.qcow2",
+        &["write -P 1 2M 64k", "write -z 2M 64k"],
+    );
+    let q = run_in(dir, "qemu-img", &["compare", "-s", "za.qcow2", "zb.qcow2"]);
+    assert_eq!(
+        stdout(&q),
+        "Strict mode: Offset 2097152 block status mismatch!\n"
+    );
+    let m = qed(dir, &["compare", "-s", "za.qcow2", "zb.qcow2"]);
+    assert_eq!(stdout(&m), "Images are identical.\n");
+    assert_same_compare(dir, &["za.qcow2", "zb.qcow2"]);
     // The verdicts as qemu-img words them.
     let out = qed(dir, &["compare", "top.qcow2", "top-nudged.qed"]);
     assert_eq!(stdout(&out), "Content mismatch at offset 4999680!\n");

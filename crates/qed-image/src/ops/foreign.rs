@@ -435,3 +435,93 @@ impl ForeignDisk {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Disk, StatusKind};
+    use super::*;
+
+    fn kinds(disk: &Disk) -> Vec<(u64, u64, usize, StatusKind)> {
+        disk.block_status(0, disk.size())
+            .map(|s| s.map(|s| (s.offset, s.length, s.depth, s.kind)))
+            .collect::<Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_qcow2_chain_answers_layer_by_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("base.qcow2");
+        let base =
+            Disk::create_qcow2(&base_path, 1 << 20, 4096, None, CacheMode::Writeback).unwrap();
+        base.write_at(&[7; 8192], 0).unwrap();
+        base.close().unwrap();
+        let top_path = dir.path().join("top.qcow2");
+        let top = Disk::create_qcow2(
+            &top_path,
+            2 << 20,
+            4096,
+            Some(("base.qcow2", DiskFormat::Qcow2)),
+            CacheMode::Writeback,
+        )
+        .unwrap();
+        top.write_zeroes(4096, 4096, true).unwrap();
+        top.write_at(&[9; 4096], 1 << 20).unwrap();
+        top.close().unwrap();
+
+        let top = Disk::open_any(&top_path, None, &OpenOptions::read_only()).unwrap();
+        assert_eq!(top.format(), DiskFormat::Qcow2);
+        assert_eq!(top.layer_paths().len(), 2);
+        let found = kinds(&top);
+        assert!(
+            matches!(found[0], (0, 4096, 1, StatusKind::Data { .. })),
+            "{found:?}"
+        );
+        assert_eq!(
+            found[1],
+            (4096, 4096, 0, StatusKind::Zero { host_offset: None })
+        );
+        // Past the backing file's end: unallocated at the depth that says so.
+        assert!(found
+            .iter()
+            .any(|s| s.0 == 1 << 20 && s.2 == 0 && s.3.is_data()));
+        let mut buf = vec![1u8; 12288];
+        top.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 7));
+        assert!(buf[4096..].iter().all(|&b| b == 0));
+        top.read_at(&mut buf[..4096], 1 << 20).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 9));
+        assert!(matches!(top.write_at(&buf, 0), Err(Error::ReadOnly)));
+    }
+
+    #[test]
+    fn loops_and_unknown_formats_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.qcow2");
+        // Its own backing file: made, then refused as a loop when its chain is opened.
+        let err = Disk::create_qcow2(
+            &a,
+            1 << 20,
+            65536,
+            Some(("a.qcow2", DiskFormat::Qcow2)),
+            CacheMode::Writeback,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Chain(_)), "{err}");
+        let err = Disk::open_any(&a, None, &OpenOptions::read_only()).unwrap_err();
+        assert!(matches!(err, Error::Chain(_)), "{err}");
+        let ignored = OpenOptions {
+            backing: BackingPolicy::Ignore,
+            ..OpenOptions::read_only()
+        };
+        assert_eq!(
+            Disk::open_any(&a, None, &ignored)
+                .unwrap()
+                .layer_paths()
+                .len(),
+            1
+        );
+        let err = Disk::open(&a, None, &OpenOptions::read_only()).unwrap_err();
+        assert!(err.to_string().contains("convert and compare"), "{err}");
+    }
+}
