@@ -8,7 +8,7 @@ use qed_image::ops::{self, CompareError, CompareOptions, CompareOutcome, Disk, S
 use qed_image::{BackingPolicy, OpenOptions};
 
 use crate::error::{errno_text, open_failure, CliResult};
-use crate::format::{CacheArg, ImageFormat};
+use crate::format::{AnyFormat, CacheArg};
 use crate::progress::Progress;
 
 /// Arguments of `qed compare`.
@@ -16,10 +16,10 @@ use crate::progress::Progress;
 pub struct CompareArgs {
     /// Format of the first image (probed when omitted).
     #[arg(short = 'f', long = "a-format", value_name = "FMT")]
-    pub format1: Option<ImageFormat>,
+    pub format1: Option<AnyFormat>,
     /// Format of the second image (probed when omitted).
     #[arg(short = 'F', long = "b-format", value_name = "FMT")]
-    pub format2: Option<ImageFormat>,
+    pub format2: Option<AnyFormat>,
     /// Strict: the sizes and the block status must match too.
     #[arg(short = 's', long = "strict")]
     pub strict: bool,
@@ -58,8 +58,8 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
         backing: BackingPolicy::Follow,
         ..OpenOptions::read_only()
     };
-    let open = |path: &PathBuf, format: Option<ImageFormat>| {
-        Disk::open(path, format.map(Into::into), &options).map_err(|e| {
+    let open = |path: &PathBuf, format: Option<AnyFormat>| {
+        Disk::open_any(path, format.map(Into::into), &options).map_err(|e| {
             eprintln!(
                 "{}: Could not open '{}': {}",
                 crate::prog(),

@@ -18,6 +18,8 @@ mod compare;
 mod convert;
 mod dd;
 mod disk;
+#[cfg(feature = "foreign")]
+mod foreign;
 mod map;
 mod measure;
 mod rebase;
@@ -31,7 +33,9 @@ pub use convert::{
     convert, create_target, ConvertError, ConvertOptions, ConvertStats, NewTarget, MAX_SPARSE_SIZE,
 };
 pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
-pub use disk::{Disk, RawDisk};
+pub use disk::{format_of_head, not_here, probe_disk_format, Disk, DiskFormat, RawDisk};
+#[cfg(feature = "foreign")]
+pub use foreign::ForeignDisk;
 pub use map::{map, MapEntries, MapEntry};
 pub use measure::{measure, measure_size, MeasureFormat, Measurement};
 pub use rebase::{rebase, RebaseError, RebaseOptions, RebaseStats};
