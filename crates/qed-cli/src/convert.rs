@@ -90,7 +90,7 @@ pub struct ConvertArgs {
     /// Allow writes out of order (accepted; writes stay in order).
     #[arg(short = 'W', long = "oob-writes")]
     pub oob_writes: bool,
-    /// Cache mode of the target.
+    /// Cache mode of the target (default unsafe, as qemu-img's: the target is not flushed).
     #[arg(short = 't', long = "target-cache", value_name = "CACHE", value_enum)]
     pub target_cache: Option<CacheArg>,
     /// Cache mode of the sources.
@@ -231,7 +231,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             "Cannot use --target-is-zero when the destination image has a backing file",
         ));
     }
-    let target_cache = args.target_cache.map_or_else(Default::default, Into::into);
+    let target_cache = qed_image::CacheMode::from(args.target_cache.unwrap_or(CacheArg::Unsafe));
     let target = if args.no_create {
         let options = OpenOptions {
             writable: true,
@@ -380,7 +380,7 @@ fn create(
             why,
         )
     };
-    let cache = args.target_cache.map_or_else(Default::default, Into::into);
+    let cache = qed_image::CacheMode::from(args.target_cache.unwrap_or(CacheArg::Unsafe));
     let target = match args.output_format {
         AnyFormat::Vmdk => return Err(plain(NO_VMDK_TARGET)),
         AnyFormat::Qcow2 => {
