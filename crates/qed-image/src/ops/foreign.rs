@@ -100,7 +100,7 @@ impl ImagoLayer {
     /// Names the file in an error of a layer under the top.
     pub(crate) fn name_error(&self, depth: usize, error: Error) -> Error {
         match error {
-            e @ (Error::Backing { .. } | Error::Chain(_)) => e,
+            e @ (Error::Backing { .. } | Error::Chain(_) | Error::BackingLoop { .. }) => e,
             cause => Error::Backing {
                 path: self.path.clone(),
                 depth,
@@ -310,7 +310,7 @@ impl ForeignDisk {
             let resolved = resolve_backing_path(&path, &name);
             let depth = disk.layers.len();
             let wrap = |cause: Error| match cause {
-                e @ (Error::Chain(_) | Error::Backing { .. }) => e,
+                e @ (Error::Chain(_) | Error::BackingLoop { .. } | Error::Backing { .. }) => e,
                 e => Error::Backing {
                     path: resolved.clone(),
                     depth,
@@ -319,10 +319,7 @@ impl ForeignDisk {
             };
             let canonical = std::fs::canonicalize(&resolved).unwrap_or_else(|_| resolved.clone());
             if chain.contains(&canonical) {
-                return Err(Error::Chain(format!(
-                    "backing chain loops back to {}",
-                    canonical.display()
-                )));
+                return Err(Error::BackingLoop { path: resolved });
             }
             if chain.len() > MAX_CHAIN_DEPTH {
                 return Err(Error::Chain(format!(
@@ -507,9 +504,9 @@ mod tests {
             CacheMode::Writeback,
         )
         .unwrap_err();
-        assert!(matches!(err, Error::Chain(_)), "{err}");
+        assert!(matches!(err, Error::BackingLoop { .. }), "{err}");
         let err = Disk::open_any(&a, None, &OpenOptions::read_only()).unwrap_err();
-        assert!(matches!(err, Error::Chain(_)), "{err}");
+        assert!(matches!(err, Error::BackingLoop { .. }), "{err}");
         let ignored = OpenOptions {
             backing: BackingPolicy::Ignore,
             ..OpenOptions::read_only()
