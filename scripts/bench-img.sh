@@ -57,7 +57,8 @@ SAMPLES="$W/samples.tsv"; : > "$SAMPLES"
 measure() {
     local name=$1 tool=$2; shift 2
     local out
-    out=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
+    /usr/bin/time -o "$W/time.out" -f '%e %M' "$@" >/dev/null 2>&1 || true
+    out=$(tail -1 "$W/time.out")
     printf '%s\t%s\t%s\t%s\n' "$name" "$tool" "${out% *}" "${out#* }" >> "$SAMPLES"
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, unit, property, interop (against qemu-img/qemu-io) and
-# CLI tests, and QEMU's qemu-iotests with qed as qemu-nbd. Installs the QEMU tools first when they are missing and we may install packages.
+# CLI tests, and QEMU's qemu-iotests with qed as qemu-img, qemu-io and qemu-nbd. Installs the QEMU tools first when they are missing and we may install packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +24,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # QEMU's own test suite with qed as the tools (fetches QEMU's source tarball once, cached).
+scripts/iotests.sh qed-file
 scripts/iotests.sh raw-nbd

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use qed_image::ops::{self, CompareError, CompareOptions, CompareOutcome, Side};
 
 use crate::error::{errno_text, CliResult};
-use crate::format::{CacheArg, ImageFormat};
+use crate::format::{AnyFormat, CacheArg};
 use crate::progress::Progress;
 use crate::spec::{self, Access};
 
@@ -16,10 +16,10 @@ use crate::spec::{self, Access};
 pub struct CompareArgs {
     /// Format of the first image (probed when omitted).
     #[arg(short = 'f', long = "a-format", value_name = "FMT")]
-    pub format1: Option<ImageFormat>,
+    pub format1: Option<AnyFormat>,
     /// Format of the second image (probed when omitted).
     #[arg(short = 'F', long = "b-format", value_name = "FMT")]
-    pub format2: Option<ImageFormat>,
+    pub format2: Option<AnyFormat>,
     /// Strict: the sizes and the block status must match too.
     #[arg(short = 's', long = "strict")]
     pub strict: bool,
@@ -60,9 +60,8 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
         cache: args.cache.map_or_else(Default::default, Into::into),
         ..Access::read_only()
     };
-    let open = |path: &PathBuf, format: Option<ImageFormat>| {
-        spec::open_arg(path.as_os_str(), args.image_opts, format, &access)
-            .map(|opened| opened.disk)
+    let open = |path: &PathBuf, format: Option<AnyFormat>| {
+        spec::open_any_arg(path.as_os_str(), args.image_opts, format, &access)
             .map_err(|e| eprintln!("{}: {e}", crate::prog()))
     };
     let Ok(first) = open(&args.file1, args.format1) else {

@@ -9,16 +9,22 @@
 //!   warning (as `qed create` does; qemu-img 10 refuses).
 //! - `-m` and `-W` are accepted; the copy runs in one thread, in guest order, which keeps the
 //!   output compact. `-C` is accepted and changes nothing.
+//!
+//! Sources may be QED, raw, qcow2 or VMDK (flat extents), the target QED, raw or qcow2: qcow2
+//! and VMDK go through the engine's `foreign` disks (imago).
 
 use std::path::{Path, PathBuf};
 
 use qed_image::format::{new_image_layout, DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
-use qed_image::ops::{self, ConvertError, ConvertOptions, Disk, NewTarget, MAX_SPARSE_SIZE};
-use qed_image::{resolve_backing_path, BackingFormat, CreateParams};
+use qed_image::ops::{
+    self, probe_disk_format, ConvertError, ConvertOptions, Disk, DiskFormat, NewTarget,
+    MAX_SPARSE_SIZE,
+};
+use qed_image::{resolve_backing_path, CreateParams};
 
 use crate::create::{QED_OPTIONS, RAW_OPTIONS};
 use crate::error::{errno_text, open_failure, CliError, CliResult};
-use crate::format::{CacheArg, ImageFormat};
+use crate::format::{AnyFormat, CacheArg};
 use crate::options::OptionList;
 use crate::progress::Progress;
 use crate::size::{cvtnum, parse_size};
@@ -29,17 +35,17 @@ use crate::spec::{self, Access};
 pub struct ConvertArgs {
     /// Format of the source images (probed when omitted).
     #[arg(short = 'f', long = "source-format", value_name = "FMT")]
-    pub format: Option<ImageFormat>,
-    /// Format of the target.
+    pub format: Option<AnyFormat>,
+    /// Format of the target (qed, raw or qcow2).
     #[arg(
         short = 'O',
         long = "target-format",
         value_name = "FMT",
         default_value = "raw"
     )]
-    pub output_format: ImageFormat,
-    /// Target format options: cluster_size=S, table_size=N, backing_file=F, backing_fmt=FMT
-    /// (`-o help` lists them).
+    pub output_format: AnyFormat,
+    /// Target format options: cluster_size=S, table_size=N (qed), backing_file=F,
+    /// backing_fmt=FMT (`-o help` lists them).
     #[arg(short = 'o', long = "target-format-options", value_name = "OPTS")]
     pub options: Vec<String>,
     /// Backing file of the new image (relative to its directory); only what differs from it
@@ -53,7 +59,7 @@ pub struct ConvertArgs {
     pub backing: Option<String>,
     /// Format of the backing file (probed when omitted).
     #[arg(short = 'F', long = "backing-format", value_name = "FMT")]
-    pub backing_format: Option<ImageFormat>,
+    pub backing_format: Option<AnyFormat>,
     /// Bytes of zeros that make a gap in the output (a multiple of 512; 0 allocates all).
     #[arg(
         short = 'S',
@@ -85,7 +91,7 @@ pub struct ConvertArgs {
     /// Allow writes out of order (accepted; writes stay in order).
     #[arg(short = 'W', long = "oob-writes")]
     pub oob_writes: bool,
-    /// Cache mode of the target.
+    /// Cache mode of the target (default unsafe, as qemu-img's: the target is not flushed).
     #[arg(short = 't', long = "target-cache", value_name = "CACHE", value_enum)]
     pub target_cache: Option<CacheArg>,
     /// Cache mode of the sources.
@@ -118,8 +124,22 @@ pub struct ConvertArgs {
 /// The backing file of a new target.
 struct Backing {
     name: String,
-    format: ImageFormat,
+    format: AnyFormat,
 }
+
+/// What `-O qcow2 -o help` prints.
+const QCOW2_OPTIONS: &str = "\
+Supported qcow2 options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - qcow2 version (1.1 only: version 3 is written)
+  size=<size>            - Virtual disk size
+";
+
+/// Why a VMDK target is refused.
+const NO_VMDK_TARGET: &str =
+    "writing vmdk images is not supported (convert writes qed, raw and qcow2)";
 
 fn plain(why: impl std::fmt::Display) -> CliError {
     CliError::plain(why)
@@ -175,8 +195,10 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         print!(
             "{}",
             match args.output_format {
-                ImageFormat::Qed => QED_OPTIONS,
-                ImageFormat::Raw => RAW_OPTIONS,
+                AnyFormat::Qed => QED_OPTIONS,
+                AnyFormat::Raw => RAW_OPTIONS,
+                AnyFormat::Qcow2 => QCOW2_OPTIONS,
+                AnyFormat::Vmdk => return Err(plain(NO_VMDK_TARGET)),
             }
         );
         return Ok(0);
@@ -186,7 +208,11 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         return Err(plain("Must specify image file name"));
     };
     if args.compress {
-        return Err(plain("Compression not supported for this file format"));
+        return Err(plain(if args.output_format == AnyFormat::Qcow2 {
+            "Compression not supported for qcow2 targets (imago writes no compressed clusters)"
+        } else {
+            "Compression not supported for this file format"
+        }));
     }
     let source_access = Access {
         unlocked: args.force_share,
@@ -195,13 +221,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     };
     let mut disks = Vec::with_capacity(sources.len());
     for path in sources {
-        let opened = spec::open_arg(
+        disks.push(spec::open_any_arg(
             path.as_os_str(),
             args.image_opts,
             args.format,
             &source_access,
-        )?;
-        disks.push(opened.disk);
+        )?);
     }
     let total = disks
         .iter()
@@ -227,7 +252,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             "Cannot use --target-is-zero when the destination image has a backing file",
         ));
     }
-    let target_cache = args.target_cache.map_or_else(Default::default, Into::into);
+    let target_cache = qed_image::CacheMode::from(args.target_cache.unwrap_or(CacheArg::Unsafe));
     let target = if args.no_create {
         let access = Access {
             writable: true,
@@ -236,13 +261,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         };
         // As qemu-img: the target's format is -O's (raw unless given), never probed.
         let format = (!args.target_image_opts).then_some(args.output_format);
-        spec::open_arg(
+        spec::open_any_arg(
             target_path.as_os_str(),
             args.target_image_opts,
             format,
             &access,
         )?
-        .disk
     } else {
         create(
             args,
@@ -350,10 +374,10 @@ fn backing_of(
     let Some(name) = name else { return Ok(None) };
     let given = match (args.backing_format, options.get("backing_fmt")) {
         (Some(format), _) => Some(format),
-        (None, Some(text)) => Some(ImageFormat::from_name(text).ok_or_else(|| {
+        (None, Some(text)) => Some(AnyFormat::from_name(text).ok_or_else(|| {
             CliError::new(
                 target_name,
-                format!("backing_fmt={text}: unknown format (expected qed or raw)"),
+                format!("backing_fmt={text}: unknown format (expected qed, raw, qcow2 or vmdk)"),
             )
         })?),
         (None, None) => None,
@@ -362,11 +386,11 @@ fn backing_of(
         Some(format) => format,
         None => {
             let path = resolve_backing_path(target, &name);
-            let format = ImageFormat::resolve(&path, None).map_err(|e| {
+            let format = probe_disk_format(&path).map(AnyFormat::from).map_err(|e| {
                 CliError::new(
                     target_name,
                     format!(
-                        "could not open backing file '{}': {}",
+                        "Could not open '{}': {}\nCould not open backing image.",
                         path.display(),
                         open_failure(&e)
                     ),
@@ -404,16 +428,58 @@ fn create(
             why,
         )
     };
-    let cache = args.target_cache.map_or_else(Default::default, Into::into);
+    let cache = qed_image::CacheMode::from(args.target_cache.unwrap_or(CacheArg::Unsafe));
     let target = match args.output_format {
-        ImageFormat::Raw => {
+        AnyFormat::Vmdk => return Err(plain(NO_VMDK_TARGET)),
+        AnyFormat::Qcow2 => {
+            options.check_known(&[
+                "size",
+                "backing_file",
+                "backing_fmt",
+                "cluster_size",
+                "compat",
+            ])?;
+            // Version 3 is what imago writes.
+            if let Some(compat) = options
+                .get("compat")
+                .filter(|c| !matches!(*c, "1.1" | "v3"))
+            {
+                return Err(fail(&format!(
+                    "compat={compat}: only version 3 (compat=1.1) qcow2 images are written"
+                )));
+            }
+            let cluster_size = match options.get("cluster_size") {
+                None => 65536,
+                Some(text) => parse_size(text)
+                    .map_err(|e| CliError::new(name, format!("cluster_size={text}: {e}")))?,
+            };
+            if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+                return Err(fail(
+                    &"Cluster size must be a power of two between 512 and 2048k",
+                ));
+            }
+            NewTarget::Qcow2 {
+                cluster_size: cluster_size as u32,
+                backing: backing.map(|b| (b.name.as_str(), DiskFormat::from(b.format))),
+            }
+        }
+        AnyFormat::Raw => {
             options.check_known(&["size"])?;
             if backing.is_some() {
                 return Err(plain("Backing file not supported for file format 'raw'"));
             }
             NewTarget::Raw
         }
-        ImageFormat::Qed => {
+        AnyFormat::Qed => {
+            let backing_format = match backing {
+                None => None,
+                Some(b) => Some(DiskFormat::from(b.format).backing_format().ok_or_else(|| {
+                    plain(format!(
+                        "a qed target's backing file must be qed or raw, not {}",
+                        b.format.name()
+                    ))
+                })?),
+            };
             options.check_known(&[
                 "size",
                 "backing_file",
@@ -437,13 +503,15 @@ fn create(
                 cluster_size,
                 table_size,
                 backing_file: backing.map(|b| b.name.clone()),
-                backing_raw: backing.is_some_and(|b| b.format == ImageFormat::Raw),
+                backing_raw: backing.is_some_and(|b| b.format == AnyFormat::Raw),
             };
             new_image_layout(&params).map_err(|e| fail(&e))?;
             NewTarget::Qed {
                 cluster_size,
                 table_size,
-                backing: backing.map(|b| (b.name.as_str(), BackingFormat::from(b.format))),
+                backing: backing
+                    .zip(backing_format)
+                    .map(|(b, f)| (b.name.as_str(), f)),
             }
         }
     };

@@ -241,7 +241,10 @@ fn inspect_backing(
     let fail = |why: String| {
         CliError::new(
             name,
-            format!("could not open backing file '{}': {why}", path.display()),
+            format!(
+                "Could not open '{}': {why}\nCould not open backing image.",
+                path.display()
+            ),
         )
     };
     let format = ImageFormat::resolve(&path, given).map_err(|e| fail(open_failure(&e)))?;

@@ -5,7 +5,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use qed_image::{probe_format, BackingFormat, CacheMode};
+use qed_image::ops::{not_here, probe_disk_format, DiskFormat};
+use qed_image::{BackingFormat, CacheMode};
 
 /// An image format the tool reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -34,11 +35,65 @@ impl ImageFormat {
         }
     }
 
-    /// `given`, or what the file's first bytes say: QED if it starts with the QED magic.
+    /// `given`, or what the file's first bytes say: QED if it starts with the QED magic, raw
+    /// if it starts with no image magic. A qcow2 or VMDK file is refused: only `convert` and
+    /// `compare` read those (see [`AnyFormat`]), and taking one for raw would be wrong.
     pub fn resolve(path: &Path, given: Option<Self>) -> qed_image::Result<Self> {
-        match given {
-            Some(format) => Ok(format),
-            None => Ok(probe_format(path)?.into()),
+        if let Some(format) = given {
+            return Ok(format);
+        }
+        match probe_disk_format(path)? {
+            DiskFormat::Qed => Ok(Self::Qed),
+            DiskFormat::Raw => Ok(Self::Raw),
+            other => Err(not_here(other)),
+        }
+    }
+}
+
+/// The formats `convert` and `compare` read (and `convert -O` writes, but VMDK): QED and raw
+/// as everywhere, qcow2 and VMDK through the engine's `foreign` disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AnyFormat {
+    /// QEMU Enhanced Disk.
+    Qed,
+    /// A raw disk image.
+    Raw,
+    /// qcow2 (read and written).
+    Qcow2,
+    /// VMDK (read only: descriptor files with flat extents).
+    Vmdk,
+}
+
+impl AnyFormat {
+    /// The name QEMU uses.
+    pub fn name(self) -> &'static str {
+        DiskFormat::from(self).name()
+    }
+
+    /// Parses a format name as given in an option value (`backing_fmt=qcow2`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        DiskFormat::from_name(name).map(Into::into)
+    }
+}
+
+impl From<AnyFormat> for DiskFormat {
+    fn from(format: AnyFormat) -> Self {
+        match format {
+            AnyFormat::Qed => Self::Qed,
+            AnyFormat::Raw => Self::Raw,
+            AnyFormat::Qcow2 => Self::Qcow2,
+            AnyFormat::Vmdk => Self::Vmdk,
+        }
+    }
+}
+
+impl From<DiskFormat> for AnyFormat {
+    fn from(format: DiskFormat) -> Self {
+        match format {
+            DiskFormat::Qed => Self::Qed,
+            DiskFormat::Raw => Self::Raw,
+            DiskFormat::Qcow2 => Self::Qcow2,
+            DiskFormat::Vmdk => Self::Vmdk,
         }
     }
 }
@@ -129,6 +184,15 @@ mod tests {
             assert_eq!(ImageFormat::from_name(f.name()), Some(f));
         }
         assert_eq!(ImageFormat::from_name("qcow2"), None);
+        for f in [
+            AnyFormat::Qed,
+            AnyFormat::Raw,
+            AnyFormat::Qcow2,
+            AnyFormat::Vmdk,
+        ] {
+            assert_eq!(AnyFormat::from_name(f.name()), Some(f));
+        }
+        assert_eq!(AnyFormat::from_name("vdi"), None);
     }
 
     #[test]

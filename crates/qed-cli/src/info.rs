@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::error::{open_failure, os_text, CliError, CliResult};
 use crate::format::{allocated_bytes, sector_rounded_len, ImageFormat, OutputFormat};
 use crate::json::to_qemu_json;
-use crate::spec::{self, open_disk, Access, ImageSpec};
+use crate::spec::{self, open_disk, Access, ImageSpec, OpenError};
 use crate::text::size_to_str;
 
 /// Arguments of `qed info`.
@@ -150,8 +150,14 @@ impl QedData {
 pub fn run(args: &InfoArgs) -> CliResult<i32> {
     let spec = spec::parse_arg(args.file.as_os_str(), args.image_opts, args.format)?;
     let name = args.file.display().to_string();
-    let layers = collect(args, &spec)
-        .map_err(|why| CliError::new(format!("Could not open '{name}'"), why))?;
+    let layers = collect(args, &spec).map_err(|failure| match failure {
+        Failure::Open(why) => CliError::new(format!("Could not open '{name}'"), why),
+        // qemu-img walks the chain itself and says so in these words.
+        Failure::Loop(path) => CliError::plain(format!(
+            "Backing file '{}' creates an infinite loop.",
+            path.display()
+        )),
+    })?;
     let text = match args.output {
         OutputFormat::Json if args.backing_chain => to_qemu_json(&layers),
         OutputFormat::Json => match layers.first() {
@@ -169,16 +175,35 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
     Ok(0)
 }
 
+/// Why the layers could not be described.
+enum Failure {
+    /// A layer could not be opened.
+    Open(String),
+    /// The chain names this file a second time.
+    Loop(std::path::PathBuf),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Self::Open(why)
+    }
+}
+
 /// Opens the image (and its chain if asked) and describes every layer.
-fn collect(args: &InfoArgs, spec: &ImageSpec) -> Result<Vec<ImageInfo>, String> {
+fn collect(args: &InfoArgs, spec: &ImageSpec) -> Result<Vec<ImageInfo>, Failure> {
     let access = Access {
         writable: false,
         unlocked: args.force_share,
         cache: CacheMode::Writeback,
         backing: args.backing_chain,
     };
-    let opened =
-        open_disk(spec, &access, &mut |_| {}).map_err(|e| e.text(&|e, _| open_failure(e)))?;
+    let opened = open_disk(spec, &access, &mut |_| {}).map_err(|e| match e {
+        OpenError::Engine {
+            error: qed_image::Error::BackingLoop { path },
+            ..
+        } if args.backing_chain => Failure::Loop(path),
+        e => Failure::Open(e.text(&|e, _| open_failure(e))),
+    })?;
     let name = opened.name.clone();
     let file = opened
         .path
@@ -198,6 +223,8 @@ fn collect(args: &InfoArgs, spec: &ImageSpec) -> Result<Vec<ImageInfo>, String> 
             }
             info
         }
+        // Image names open QED and raw disks only.
+        Disk::Foreign(_) => unreachable!("info opened a qcow2 or VMDK disk"),
     }];
     if args.backing_chain {
         let mut next = opened.disk.image().and_then(Image::backing);

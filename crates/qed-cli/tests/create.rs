@@ -185,7 +185,7 @@ fn errors_are_reported_not_panicked() {
         ),
         (
             &["create", "-b", "missing.raw", "-F", "raw", "x.qed", "1M"][..],
-            "qed: x.qed: could not open backing file 'missing.raw': No such file or directory",
+            "qed: x.qed: Could not open 'missing.raw': No such file or directory\nCould not open backing image.",
         ),
         (&["create", "-f", "qcow2", "x.qed", "1M"][..], "qed: "),
     ] {

@@ -81,7 +81,7 @@ impl BackingLayer {
     ) -> Result<Self> {
         let depth = chain.len();
         let wrap = |cause: Error| match cause {
-            e @ Error::Chain(_) => e,
+            e @ (Error::Chain(_) | Error::BackingLoop { .. }) => e,
             e => Error::Backing {
                 path: path.to_path_buf(),
                 depth,

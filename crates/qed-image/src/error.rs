@@ -96,9 +96,15 @@ pub enum Error {
         /// What went wrong.
         cause: Box<Error>,
     },
-    /// The backing chain loops or is too deep.
+    /// The backing chain is too deep, or its extents cannot be walked.
     #[error("backing chain error: {0}")]
     Chain(String),
+    /// The backing chain names a file that is already in it.
+    #[error("Backing file '{}' creates an infinite loop", .path.display())]
+    BackingLoop {
+        /// The file named a second time.
+        path: PathBuf,
+    },
     /// A caller passed an invalid argument.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -129,10 +129,9 @@ impl Image {
         // Loops are found before opening, so a loop never trips over our own lock.
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         if chain.contains(&canonical) {
-            return Err(Error::Chain(format!(
-                "backing chain loops back to {}",
-                canonical.display()
-            )));
+            return Err(Error::BackingLoop {
+                path: path.to_path_buf(),
+            });
         }
         if chain.len() > MAX_CHAIN_DEPTH {
             return Err(Error::Chain(format!(

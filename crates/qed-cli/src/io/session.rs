@@ -86,7 +86,11 @@ pub fn open_error(e: &Error, name: &str) -> String {
             FormatError::ImageSizeUnaligned { .. } | FormatError::ImageSizeTooLarge { .. } => {
                 "QED image size is invalid".into()
             }
-            FormatError::TableOffset { .. } => "QED table offset is invalid".into(),
+            // QEMU does not check header_size itself: the L1 table offset it then finds
+            // inside (or past) the header is what it refuses.
+            FormatError::TableOffset { .. } | FormatError::HeaderSizeTooLarge { .. } => {
+                "QED table offset is invalid".into()
+            }
             other => other.to_string(),
         },
         Error::Backing { path, depth, cause } => match cause.as_ref() {

@@ -100,6 +100,8 @@ impl Target {
                 size: AtomicU64::new(size),
                 writable,
             }),
+            // Image names open QED and raw disks only.
+            Disk::Foreign(_) => unreachable!("an image name opened a qcow2 or VMDK disk"),
         }
     }
 

@@ -31,10 +31,10 @@ use std::path::{Path, PathBuf};
 use qed_image::storage::{Action, Event, Injection, IoType, IoTypes, ReadPattern, Rule};
 use serde_json::Value;
 
-use crate::format::ImageFormat;
+use crate::format::{AnyFormat, ImageFormat};
 use crate::size::parse_size;
 
-pub use open::{open_disk, Access, OpenedDisk};
+pub use open::{open_disk, Access, OpenError, OpenedDisk};
 
 /// Flat options: dotted keys (`file.filename`) and their values (strings from option strings,
 /// typed values from `json:` names).
@@ -312,6 +312,54 @@ pub fn open_arg(
             e.text(&|e, _| crate::error::open_failure(e)),
         )
     })
+}
+
+/// Opens a `convert` or `compare` image argument: qcow2 and VMDK (given with `-f`, or probed
+/// on a plain file name) through the engine's foreign disks, everything else as [`open_arg`]
+/// opens it; errors read `Could not open 'ARG': why`.
+pub fn open_any_arg(
+    arg: &OsStr,
+    image_opts: bool,
+    format: Option<AnyFormat>,
+    access: &Access,
+) -> crate::error::CliResult<qed_image::ops::Disk> {
+    use crate::error::{open_failure, CliError};
+    use qed_image::ops::{probe_disk_format, Disk, DiskFormat};
+    let could_not =
+        |why: String| CliError::new(format!("Could not open '{}'", arg.to_string_lossy()), why);
+    let open_foreign = |path: &Path, format: DiskFormat| {
+        Disk::open_any(path, Some(format), &access.options(false))
+            .map_err(|e| could_not(open_failure(&e)))
+    };
+    let native = match format {
+        Some(AnyFormat::Qed) => Some(ImageFormat::Qed),
+        Some(AnyFormat::Raw) => Some(ImageFormat::Raw),
+        Some(foreign @ (AnyFormat::Qcow2 | AnyFormat::Vmdk)) => {
+            if image_opts {
+                return Err(CliError::plain(
+                    "--image-opts and --format are mutually exclusive",
+                ));
+            }
+            let spec = parse_arg(arg, false, None)?;
+            return match spec.plain() {
+                Some((path, _)) => open_foreign(path, foreign.into()),
+                None => Err(could_not(format!(
+                    "{} images are opened from plain file names only",
+                    foreign.name()
+                ))),
+            };
+        }
+        None => None,
+    };
+    let spec = parse_arg(arg, image_opts, native)?;
+    if let Some((path, None)) = spec.plain() {
+        if let Ok(probed @ (DiskFormat::Qcow2 | DiskFormat::Vmdk)) = probe_disk_format(path) {
+            return open_foreign(path, probed);
+        }
+    }
+    open_disk(&spec, access, &mut |_| {})
+        .map(|opened| opened.disk)
+        .map_err(|e| could_not(e.text(&|e, _| open_failure(e))))
 }
 
 /// A command's image argument that must be a format over a plain file (the command works on

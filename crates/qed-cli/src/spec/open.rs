@@ -10,7 +10,7 @@ use qed_image::ops::{Disk, DiskStorage, RawDisk};
 use qed_image::storage::{
     BlkdebugStorage, CacheMode, FileOptions, FileStorage, LockMode, QuorumStorage, Storage,
 };
-use qed_image::{has_qed_magic, probe_format, BackingLayer, BackingPolicy, Error, OpenOptions};
+use qed_image::{has_qed_magic, BackingLayer, BackingPolicy, Error, OpenOptions};
 
 use super::{bool_of, BackingSpec, FileDriver, FileNode, FormatNode, ImageSpec, Node};
 use crate::error::os_text;
@@ -40,7 +40,7 @@ impl Access {
         }
     }
 
-    fn options(&self, unlocked: bool) -> OpenOptions {
+    pub(crate) fn options(&self, unlocked: bool) -> OpenOptions {
         OpenOptions {
             writable: self.writable,
             force_share: self.unlocked || unlocked,
@@ -142,7 +142,8 @@ pub fn open_disk(
         let format = match given {
             Some(format) => format,
             None => {
-                let format = ImageFormat::from(probe_format(path).map_err(engine)?);
+                // qcow2 and VMDK are refused here: only convert and compare read them.
+                let format = ImageFormat::resolve(path, None).map_err(engine)?;
                 if format == ImageFormat::Raw {
                     probed_raw(&name);
                 }
@@ -305,6 +306,8 @@ fn open_backing(
                         error,
                     })?
                 }
+                // open_node opens QED and raw disks only.
+                Disk::Foreign(_) => unreachable!("a backing node opened as qcow2 or VMDK"),
             }))
         }
         BackingSpec::Default => {

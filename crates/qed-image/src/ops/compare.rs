@@ -139,6 +139,7 @@ impl<'a> Walker<'a> {
         use flag::*;
         match kind {
             StatusKind::Data { .. } => DATA | OFFSET_VALID | ALLOCATED,
+            StatusKind::Compressed => DATA | ALLOCATED,
             StatusKind::Zero {
                 host_offset: Some(_),
             } => ZERO | OFFSET_VALID | ALLOCATED,

@@ -14,14 +14,15 @@
 //! leaves to it is read at all.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use crate::backing::{BackingFormat, BackingLayer, BackingPolicy};
+use crate::backing::{BackingFormat, BackingPolicy};
 use crate::storage::CacheMode;
 use crate::{CreateParams, Error, Image, OpenOptions, Result};
 
 use super::disk::Disk;
-use super::status::{BlockStatus, BlockStatusIter, StatusKind};
+#[cfg(feature = "foreign")]
+use super::disk::DiskFormat;
+use super::status::{BlockStatus, BlockStatusIter, Chain, StatusKind};
 use super::{is_zero, IO_BUF_SIZE, SECTOR};
 
 /// Largest sparse block (`-S`), as qemu-img allows.
@@ -41,6 +42,15 @@ pub enum NewTarget<'a> {
         /// The backing file name to record (relative to the new image's directory) and its
         /// format.
         backing: Option<(&'a str, BackingFormat)>,
+    },
+    /// A qcow2 image (version 3, 16-bit refcounts), created through imago.
+    #[cfg(feature = "foreign")]
+    Qcow2 {
+        /// Bytes per cluster (a power of two from 512 to 2 MiB).
+        cluster_size: u32,
+        /// The backing file name to record (relative to the new image's directory) and its
+        /// format.
+        backing: Option<(&'a str, DiskFormat)>,
     },
 }
 
@@ -77,6 +87,11 @@ pub fn create_target(
             };
             Disk::open(path, Some(BackingFormat::Qed), &options)
         }
+        #[cfg(feature = "foreign")]
+        NewTarget::Qcow2 {
+            cluster_size,
+            backing,
+        } => Disk::create_qcow2(path, size, *cluster_size, *backing, cache),
     }
 }
 
@@ -315,14 +330,14 @@ fn run(
         ));
     }
     let base = if options.diff_backing {
-        target.image().and_then(Image::backing)
+        Chain::of_disk(target).without_top()
     } else {
         None
     };
     // The source leaves to this same file what the target leaves to it.
     let shared_backing = base.as_ref().is_some_and(|base| {
         let paths = source.layer_paths();
-        same_file(paths.get(1).and_then(Option::as_deref), base.path())
+        same_file(paths.get(1).and_then(Option::as_deref), base.path(0))
     });
     let block = if sparse > 0 { sparse } else { 8 * SECTOR };
     let chunk = (IO_BUF_SIZE as u64).max(block) / block * block;
@@ -395,7 +410,8 @@ struct Copier<'a, 'w> {
     /// Salvage mode: where the errors of the source go.
     warn: Option<&'w mut dyn FnMut(&ConvertError)>,
     source: &'a Disk,
-    base: Option<Arc<BackingLayer>>,
+    /// The target's layers under its top, when only what differs from them is written.
+    base: Option<Chain<'a>>,
     writer: Writer<'a>,
     options: ConvertOptions,
     /// Sparse block size.
@@ -448,18 +464,13 @@ impl Copier<'_, '_> {
 
     /// Reads what the base holds over `[start, end)` into `base_buf`; false when it is all
     /// known zeros (nothing read).
-    fn read_base(
-        &mut self,
-        base: &Arc<BackingLayer>,
-        start: u64,
-        end: u64,
-    ) -> Result<bool, ConvertError> {
+    fn read_base(&mut self, base: &Chain<'_>, start: u64, end: u64) -> Result<bool, ConvertError> {
         let n = (end - start) as usize;
         if self.base_buf.len() < n {
             self.base_buf.resize(self.chunk as usize, 0);
         }
         let mut any_data = false;
-        for status in BlockStatusIter::of_layer(Arc::clone(base), start, end - start, true) {
+        for status in BlockStatusIter::of_chain(base.clone(), start, end - start, true) {
             let status = status.map_err(|source| ConvertError::Status {
                 offset: start,
                 source,
@@ -469,7 +480,7 @@ impl Copier<'_, '_> {
             if status.kind.is_zero() {
                 self.base_buf[a..b].fill(0);
             } else {
-                base.read_at(&mut self.base_buf[a..b], status.offset)
+                base.read_layer(status.depth, &mut self.base_buf[a..b], status.offset)
                     .map_err(|source| ConvertError::Read {
                         offset: status.offset,
                         source,
@@ -478,7 +489,7 @@ impl Copier<'_, '_> {
             }
         }
         // Past the base's end it reads zeros.
-        let covered = base.size().clamp(start, end);
+        let covered = base.size(0).clamp(start, end);
         self.base_buf[(covered - start) as usize..n].fill(0);
         Ok(any_data)
     }

@@ -1,16 +1,119 @@
 //! [`Disk`]: what the whole-disk operations read and write — a QED image with its backing
-//! chain, or a raw file.
+//! chain, a raw file, or (feature `foreign`) a qcow2 or VMDK image with its chain.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backing::BackingFormat;
-use crate::image::probe_format;
+use crate::image::has_qed_magic;
 use crate::storage::{CacheMode, FileOptions, FileStorage, LockMode, Storage};
 use crate::zero::ZeroFlags;
 use crate::{Error, Image, OpenOptions, Result};
 
+#[cfg(feature = "foreign")]
+use super::foreign::ForeignDisk;
 use super::SECTOR;
+
+/// The formats a [`Disk`] can be: QED and raw always, qcow2 and VMDK with the `foreign`
+/// feature (without it they are recognized, and refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiskFormat {
+    /// QEMU Enhanced Disk.
+    Qed,
+    /// Raw: guest byte N is file byte N.
+    Raw,
+    /// qcow2 (versions 2 and 3).
+    Qcow2,
+    /// VMDK (read only; descriptor files with flat extents).
+    Vmdk,
+}
+
+impl DiskFormat {
+    /// The name QEMU uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qed => "qed",
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+            Self::Vmdk => "vmdk",
+        }
+    }
+
+    /// The format QEMU names `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Qed, Self::Raw, Self::Qcow2, Self::Vmdk]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+
+    /// The backing format of a QED image, for the formats a QED image can name.
+    pub fn backing_format(self) -> Option<BackingFormat> {
+        match self {
+            Self::Qed => Some(BackingFormat::Qed),
+            Self::Raw => Some(BackingFormat::Raw),
+            Self::Qcow2 | Self::Vmdk => None,
+        }
+    }
+}
+
+impl From<BackingFormat> for DiskFormat {
+    fn from(format: BackingFormat) -> Self {
+        match format {
+            BackingFormat::Qed => Self::Qed,
+            BackingFormat::Raw => Self::Raw,
+        }
+    }
+}
+
+/// The qcow2 magic, `QFI\xfb`.
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// The magic of a sparse VMDK extent, `KDMV`.
+const VMDK_SPARSE_MAGIC: &[u8; 4] = b"KDMV";
+/// How a VMDK descriptor file starts.
+const VMDK_DESCRIPTOR: &[u8] = b"# Disk DescriptorFile";
+
+/// The format `head` (a file's first bytes) says: QED, qcow2 or VMDK by their magic, raw
+/// otherwise.
+pub fn format_of_head(head: &[u8]) -> DiskFormat {
+    if has_qed_magic(head) {
+        DiskFormat::Qed
+    } else if head.starts_with(QCOW2_MAGIC) {
+        DiskFormat::Qcow2
+    } else if head.starts_with(VMDK_SPARSE_MAGIC) || head.starts_with(VMDK_DESCRIPTOR) {
+        DiskFormat::Vmdk
+    } else {
+        DiskFormat::Raw
+    }
+}
+
+/// The error of an operation that reads QED and raw disks only, given a qcow2 or VMDK file.
+pub fn not_here(format: DiskFormat) -> Error {
+    Error::Unsupported(format!(
+        "{} images here (convert and compare read them; -f raw takes the file as raw)",
+        format.name()
+    ))
+}
+
+/// Probes a file by its first bytes (see [`format_of_head`]).
+pub fn probe_disk_format(path: &Path) -> Result<DiskFormat> {
+    let storage = FileStorage::open(
+        path,
+        &FileOptions {
+            writable: false,
+            create: false,
+            cache: CacheMode::Writeback,
+            lock: LockMode::None,
+        },
+    )
+    .map_err(Error::io("open", 0))?;
+    let mut head = [0u8; VMDK_DESCRIPTOR.len()];
+    let len = storage.len().map_err(Error::io("length", 0))?;
+    let n = head.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+    storage
+        .read_at(&mut head[..n], 0)
+        .map_err(Error::io("read", 0))?;
+    Ok(format_of_head(&head[..n]))
+}
 
 /// A raw disk image: guest byte N is byte N of the storage. Its size is the storage's length
 /// at open rounded up to whole sectors, as QEMU sees it (the partial tail reads as zeros).
@@ -62,6 +165,9 @@ pub enum Disk {
     Qed(Image),
     /// A raw file.
     Raw(RawDisk),
+    /// A qcow2 or VMDK image, with its backing chain.
+    #[cfg(feature = "foreign")]
+    Foreign(ForeignDisk),
 }
 
 /// `len` rounded up to whole sectors.
@@ -70,13 +176,18 @@ pub(crate) fn sector_rounded(len: u64) -> u64 {
 }
 
 impl Disk {
-    /// Opens `path` as `format` (probed by the QED magic when `None`). A QED image opens its
-    /// backing chain as `options.backing` says; a raw file is opened with `options.writable`,
-    /// `options.cache` and the lock `options.force_share` allows.
+    /// Opens `path` as `format` (probed by the QED magic when `None`; a qcow2 or VMDK file is
+    /// then refused, see [`not_here`]). A QED image opens its backing chain as
+    /// `options.backing` says; a raw file is opened with `options.writable`, `options.cache`
+    /// and the lock `options.force_share` allows.
     pub fn open(path: &Path, format: Option<BackingFormat>, options: &OpenOptions) -> Result<Self> {
         let format = match format {
             Some(format) => format,
-            None => probe_format(path)?,
+            None => match probe_disk_format(path)? {
+                DiskFormat::Qed => BackingFormat::Qed,
+                DiskFormat::Raw => BackingFormat::Raw,
+                other => return Err(not_here(other)),
+            },
         };
         match format {
             BackingFormat::Qed => Ok(Self::Qed(Image::open(path, options)?)),
@@ -96,6 +207,54 @@ impl Disk {
                 Ok(Self::Raw(raw))
             }
         }
+    }
+
+    /// Opens `path` as `format`, probed by its magic when `None` (QED, qcow2, VMDK, else raw).
+    /// QED and raw open as [`Disk::open`] opens them; qcow2 and VMDK need the `foreign`
+    /// feature, open read-only unless `options.writable` (qcow2 only), and follow their
+    /// backing chain as `options.backing` says.
+    pub fn open_any(
+        path: &Path,
+        format: Option<DiskFormat>,
+        options: &OpenOptions,
+    ) -> Result<Self> {
+        let format = match format {
+            Some(format) => format,
+            None => probe_disk_format(path)?,
+        };
+        match format {
+            DiskFormat::Qed => Self::open(path, Some(BackingFormat::Qed), options),
+            DiskFormat::Raw => Self::open(path, Some(BackingFormat::Raw), options),
+            #[cfg(feature = "foreign")]
+            DiskFormat::Qcow2 | DiskFormat::Vmdk => {
+                Ok(Self::Foreign(ForeignDisk::open(path, format, options)?))
+            }
+            #[cfg(not(feature = "foreign"))]
+            DiskFormat::Qcow2 | DiskFormat::Vmdk => Err(Error::Unsupported(format!(
+                "{} images (built without the `foreign` feature)",
+                format.name()
+            ))),
+        }
+    }
+
+    /// Creates (or replaces) a qcow2 image at `path`, `size` bytes, with `cluster_size` and
+    /// the backing file named (relative to its directory) with its format, and opens it for
+    /// writing with its chain.
+    #[cfg(feature = "foreign")]
+    pub fn create_qcow2(
+        path: &Path,
+        size: u64,
+        cluster_size: u32,
+        backing: Option<(&str, DiskFormat)>,
+        cache: CacheMode,
+    ) -> Result<Self> {
+        Ok(Self::Foreign(ForeignDisk::create_qcow2(
+            path,
+            size,
+            cluster_size,
+            backing,
+            cache,
+        )?))
     }
 
     /// Creates (or truncates) the raw file at `path`, `size` bytes long and all holes, and
@@ -123,10 +282,12 @@ impl Disk {
     }
 
     /// The format.
-    pub fn format(&self) -> BackingFormat {
+    pub fn format(&self) -> DiskFormat {
         match self {
-            Self::Qed(_) => BackingFormat::Qed,
-            Self::Raw(_) => BackingFormat::Raw,
+            Self::Qed(_) => DiskFormat::Qed,
+            Self::Raw(_) => DiskFormat::Raw,
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.format(),
         }
     }
 
@@ -134,7 +295,7 @@ impl Disk {
     pub fn image(&self) -> Option<&Image> {
         match self {
             Self::Qed(image) => Some(image),
-            Self::Raw(_) => None,
+            _ => None,
         }
     }
 
@@ -143,6 +304,8 @@ impl Disk {
         match self {
             Self::Qed(image) => image.size(),
             Self::Raw(raw) => raw.size.load(Ordering::Acquire),
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.size(),
         }
     }
 
@@ -151,6 +314,8 @@ impl Disk {
         match self {
             Self::Qed(image) => image.is_writable(),
             Self::Raw(raw) => raw.writable,
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.is_writable(),
         }
     }
 
@@ -159,12 +324,19 @@ impl Disk {
         match self {
             Self::Qed(image) => image.path(),
             Self::Raw(raw) => raw.path.as_deref(),
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => Some(disk.path()),
         }
     }
 
-    /// The cluster size of a QED image (writes of whole clusters allocate nothing twice).
+    /// The cluster size of a QED or qcow2 image (writes of whole clusters allocate nothing
+    /// twice).
     pub fn cluster_size(&self) -> Option<u64> {
-        self.image().map(Image::cluster_size)
+        match self {
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.cluster_size(),
+            _ => self.image().map(Image::cluster_size),
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -196,6 +368,11 @@ impl Disk {
                     .read_at(buf, offset)
                     .map_err(Error::io("read", offset))
             }
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => {
+                disk.check_range(offset, buf.len() as u64)?;
+                super::status::read_through(super::status::Chain::of_disk(self), buf, offset)
+            }
         }
     }
 
@@ -209,6 +386,8 @@ impl Disk {
                     .write_at(buf, offset)
                     .map_err(Error::io("write", offset))
             }
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.write_at(buf, offset),
         }
     }
 
@@ -239,6 +418,8 @@ impl Disk {
                 };
                 result.map_err(Error::io("write zeroes", offset))
             }
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.write_zeroes(offset, len),
         }
     }
 
@@ -247,6 +428,8 @@ impl Disk {
         match self {
             Self::Qed(image) => image.flush(),
             Self::Raw(raw) => raw.storage.flush().map_err(Error::io("flush", 0)),
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.flush(),
         }
     }
 
@@ -261,6 +444,8 @@ impl Disk {
                 }
                 Ok(())
             }
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => disk.flush(),
         }
     }
 }

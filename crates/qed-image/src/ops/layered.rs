@@ -97,7 +97,7 @@ impl crate::Storage for DiskStorage {
                     },
                 )
                 .map_err(to_io),
-            Disk::Raw(_) => self.disk.write_zeroes(offset, len, false).map_err(to_io),
+            _ => self.disk.write_zeroes(offset, len, false).map_err(to_io),
         }
     }
 
@@ -141,8 +141,8 @@ impl crate::Storage for DiskStorage {
 
     fn alignment(&self) -> u64 {
         match &self.disk {
-            Disk::Qed(_) => 1,
             Disk::Raw(raw) => raw.storage().alignment(),
+            _ => 1,
         }
     }
 }

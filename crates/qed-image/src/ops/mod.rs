@@ -18,6 +18,8 @@ mod compare;
 mod convert;
 mod dd;
 mod disk;
+#[cfg(feature = "foreign")]
+mod foreign;
 mod layered;
 mod map;
 mod measure;
@@ -33,7 +35,9 @@ pub use convert::{
     NewTarget, MAX_SPARSE_SIZE,
 };
 pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
-pub use disk::{Disk, RawDisk};
+pub use disk::{format_of_head, not_here, probe_disk_format, Disk, DiskFormat, RawDisk};
+#[cfg(feature = "foreign")]
+pub use foreign::ForeignDisk;
 pub use layered::DiskStorage;
 pub use map::{map, MapEntries, MapEntry};
 pub use measure::{measure, measure_size, MeasureFormat, Measurement};

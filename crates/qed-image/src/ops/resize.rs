@@ -132,6 +132,8 @@ pub fn resize(
                 disk.write_zeroes(current, size - current, false)?;
             }
         }
+        #[cfg(feature = "foreign")]
+        Disk::Foreign(_) => disk.set_size(size)?,
     }
     Ok(size)
 }
@@ -164,6 +166,11 @@ impl Disk {
                 raw.size.store(sector_rounded(size), Ordering::Release);
                 Ok(())
             }
+            #[cfg(feature = "foreign")]
+            Self::Foreign(disk) => Err(Error::Unsupported(format!(
+                "resizing {} images",
+                disk.format().name()
+            ))),
         }
     }
 }

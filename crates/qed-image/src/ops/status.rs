@@ -17,6 +17,8 @@ use crate::storage::Storage;
 use crate::{Error, Image, Result};
 
 use super::disk::{sector_rounded, Disk};
+#[cfg(feature = "foreign")]
+use super::foreign::ImagoLayer;
 
 /// What a guest range is, as block status says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub enum StatusKind {
         /// Host offset, for a hole in a raw file.
         host_offset: Option<u64>,
     },
+    /// Data stored compressed (a qcow2 compressed cluster): no host offset.
+    Compressed,
     /// No layer holds it: it reads as zeros.
     Unallocated,
 }
@@ -44,12 +48,12 @@ impl StatusKind {
 
     /// Whether the range is known to read as zeros (`zero`).
     pub fn is_zero(self) -> bool {
-        !matches!(self, Self::Data { .. })
+        !self.is_data()
     }
 
     /// Whether the range holds data (`data`).
     pub fn is_data(self) -> bool {
-        matches!(self, Self::Data { .. })
+        matches!(self, Self::Data { .. } | Self::Compressed)
     }
 
     /// The host offset, where there is one (`offset`).
@@ -57,7 +61,7 @@ impl StatusKind {
         match self {
             Self::Data { host_offset } => Some(host_offset),
             Self::Zero { host_offset } => host_offset,
-            Self::Unallocated => None,
+            Self::Compressed | Self::Unallocated => None,
         }
     }
 
@@ -121,14 +125,21 @@ pub(crate) enum Layer<'a> {
     Qed(&'a Image),
     /// A raw file and its size (sector-rounded).
     Raw(&'a dyn Storage, u64),
+    /// A qcow2 or VMDK layer (without its backing file).
+    #[cfg(feature = "foreign")]
+    Imago(&'a ImagoLayer),
 }
 
+#[derive(Clone)]
 enum Node<'a> {
     Disk(&'a Disk),
     Backing(Arc<BackingLayer>),
+    #[cfg(feature = "foreign")]
+    Imago(&'a ImagoLayer),
 }
 
 /// The layers of a disk, top first.
+#[derive(Clone)]
 pub(crate) struct Chain<'a> {
     nodes: Vec<Node<'a>>,
 }
@@ -136,8 +147,21 @@ pub(crate) struct Chain<'a> {
 impl<'a> Chain<'a> {
     /// The disk and every backing layer under it.
     pub(crate) fn of_disk(disk: &'a Disk) -> Self {
+        #[cfg(feature = "foreign")]
+        if let Disk::Foreign(foreign) = disk {
+            let nodes = foreign.layers.iter().map(Node::Imago).collect();
+            return Self::extend(nodes, foreign.below.clone());
+        }
         let below = disk.image().and_then(Image::backing);
         Self::build(Node::Disk(disk), below)
+    }
+
+    /// The layers under the top one, if there are any.
+    pub(crate) fn without_top(mut self) -> Option<Self> {
+        (self.nodes.len() > 1).then(|| {
+            self.nodes.remove(0);
+            self
+        })
     }
 
     /// A backing layer and every layer under it.
@@ -149,8 +173,11 @@ impl<'a> Chain<'a> {
         Self::build(Node::Backing(layer), below)
     }
 
-    fn build(top: Node<'a>, mut next: Option<Arc<BackingLayer>>) -> Self {
-        let mut nodes = vec![top];
+    fn build(top: Node<'a>, next: Option<Arc<BackingLayer>>) -> Self {
+        Self::extend(vec![top], next)
+    }
+
+    fn extend(mut nodes: Vec<Node<'a>>, mut next: Option<Arc<BackingLayer>>) -> Self {
         while let Some(layer) = next {
             next = match &*layer {
                 BackingLayer::Qed(image) => image.backing(),
@@ -170,12 +197,31 @@ impl<'a> Chain<'a> {
         match &self.nodes[depth] {
             Node::Disk(Disk::Qed(image)) => Layer::Qed(image),
             Node::Disk(disk @ Disk::Raw(raw)) => Layer::Raw(raw.storage(), disk.size()),
+            // `of_disk` lists a foreign disk's layers as `Node::Imago`.
+            #[cfg(feature = "foreign")]
+            Node::Disk(Disk::Foreign(_)) => unreachable!("a foreign disk is never a Node::Disk"),
             Node::Backing(layer) => match &**layer {
                 BackingLayer::Qed(image) => Layer::Qed(image),
                 BackingLayer::Raw { storage, len, .. } => {
                     Layer::Raw(&**storage, sector_rounded(*len))
                 }
             },
+            #[cfg(feature = "foreign")]
+            Node::Imago(layer) => Layer::Imago(layer),
+        }
+    }
+
+    /// Reads what the layer at `depth` itself holds at `offset` (a range its block status
+    /// calls data).
+    pub(crate) fn read_layer(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.nodes[depth] {
+            Node::Disk(disk) => disk.read_at(buf, offset),
+            // Names its file itself.
+            Node::Backing(layer) => layer.read_at(buf, offset),
+            #[cfg(feature = "foreign")]
+            Node::Imago(layer) => layer
+                .read_at(buf, offset)
+                .map_err(|e| self.name_error(depth, e)),
         }
     }
 
@@ -184,6 +230,8 @@ impl<'a> Chain<'a> {
         match self.layer(depth) {
             Layer::Qed(image) => image.size(),
             Layer::Raw(_, size) => size,
+            #[cfg(feature = "foreign")]
+            Layer::Imago(layer) => layer.size(),
         }
     }
 
@@ -192,6 +240,8 @@ impl<'a> Chain<'a> {
         match &self.nodes[depth] {
             Node::Disk(disk) => disk.path(),
             Node::Backing(layer) => layer.path(),
+            #[cfg(feature = "foreign")]
+            Node::Imago(layer) => Some(layer.path()),
         }
     }
 
@@ -200,6 +250,10 @@ impl<'a> Chain<'a> {
         match &self.nodes[depth] {
             Node::Disk(_) => error,
             Node::Backing(layer) => layer.name_error(error),
+            #[cfg(feature = "foreign")]
+            Node::Imago(_) if depth == 0 => error,
+            #[cfg(feature = "foreign")]
+            Node::Imago(layer) => layer.name_error(depth, error),
         }
     }
 }
@@ -256,6 +310,15 @@ impl<'a> Resolver<'a> {
     fn ask(&self, depth: usize, pos: u64, end: u64) -> Result<Piece> {
         match self.chain.layer(depth) {
             Layer::Raw(storage, _) => raw_piece(storage, pos, end),
+            #[cfg(feature = "foreign")]
+            Layer::Imago(layer) => {
+                let found = layer.status(pos, end)?;
+                Ok(Piece {
+                    offset: pos,
+                    length: found.length,
+                    kind: found.kind,
+                })
+            }
             Layer::Qed(image) => {
                 let end = if self.cut_at_tables {
                     let coverage = image.geometry().l2_coverage();
@@ -318,6 +381,29 @@ impl<'a> Resolver<'a> {
             depth += 1;
         }
     }
+}
+
+/// Reads `buf.len()` guest bytes at `offset` through a chain: each range from the layer that
+/// holds it, zeros where none does (or where the holder says zeros).
+#[cfg(feature = "foreign")]
+pub(crate) fn read_through(chain: Chain<'_>, buf: &mut [u8], offset: u64) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    let mut resolver = Resolver::new(chain, false, false);
+    let mut pos = offset;
+    while pos < end {
+        let status = resolver.resolve(pos, end)?;
+        let a = (pos - offset) as usize;
+        let b = a + status.length.min(end - pos) as usize;
+        if status.kind.is_data() {
+            resolver
+                .chain
+                .read_layer(status.depth, &mut buf[a..b], pos)?;
+        } else {
+            buf[a..b].fill(0);
+        }
+        pos += (b - a) as u64;
+    }
+    Ok(())
 }
 
 /// What a raw file holds from `pos` (ending at or before `end`).
@@ -384,7 +470,19 @@ impl Disk {
     }
 }
 
-impl BlockStatusIter<'_> {
+impl<'a> BlockStatusIter<'a> {
+    /// A status iterator over a chain.
+    pub(crate) fn of_chain(chain: Chain<'a>, offset: u64, len: u64, holes: bool) -> Self {
+        let end = offset.saturating_add(len).min(chain.size(0));
+        BlockStatusIter {
+            resolver: Resolver::new(chain, holes, false),
+            pos: offset.min(end),
+            end,
+            pending: None,
+            error: None,
+        }
+    }
+
     /// A status iterator over a backing layer and the layers under it.
     pub(crate) fn of_layer(
         layer: Arc<BackingLayer>,

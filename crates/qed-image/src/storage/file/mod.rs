@@ -85,8 +85,14 @@ impl FileStorage {
         })?;
         let lock = QemuLock::acquire(&file, options.lock)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        if options.create {
+        if options.create && file.metadata()?.len() != 0 {
             file.set_len(0)?;
+            // ext4 marks a file cut to zero length for a flush of everything written to it
+            // when the descriptor is closed (its auto_da_alloc heuristic): a whole converted
+            // image written back at close, synchronously. Closing another descriptor now
+            // consumes the mark while nothing is written yet. A file created empty is never
+            // cut, and never marked.
+            drop(OpenOptions::new().read(true).open(path)?);
         }
         let direct = if direct {
             let buffered = if writable {
@@ -389,6 +395,25 @@ mod tests {
             cache,
             lock: LockMode::Write,
         }
+    }
+
+    #[test]
+    fn creating_over_a_file_empties_it_and_keeps_the_lock() {
+        let dir = direct_dir();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 100_000]).unwrap();
+        let file = FileStorage::open(&path, &options(CacheMode::Writeback)).unwrap();
+        assert_eq!(file.len().unwrap(), 0);
+        // The descriptor opened and closed to clear ext4's flush-at-close mark must not have
+        // taken the image lock with it (OFD locks belong to their own descriptor).
+        let second = FileStorage::open(&path, &options(CacheMode::Writeback));
+        assert_eq!(
+            second.map(drop).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        file.write_at(b"new", 0).unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
     }
 
     #[test]
