@@ -1,7 +1,8 @@
 #!/bin/bash
 # `qed` against qemu-img and qemu-io on the same files, in one run, rounds interleaved: convert
 # (raw->qed, qed->raw, qed->qed, on an image half filled with random data and on a sparse
-# one), check, compare, and qemu-io writes in writethrough (the default: a flush after every
+# one; qcow2->qed and qed->qcow2 through imago), check, compare (qed with raw, and qcow2 with
+# qed), and qemu-io writes in writethrough (the default: a flush after every
 # write command) and writeback mode. Prints the median wall time and peak memory (max RSS) of
 # each, and the ratio QEMU time / qed time (above 1: qed is faster).
 #
@@ -28,7 +29,7 @@ mkdir -p "$W"
 need_kb=$(( (SIZE_GIB * 5 + 1) * 1024 * 1024 ))
 avail_kb=$(df -Pk "$W" | awk 'NR==2{print $4}')
 (( avail_kb >= need_kb )) || { echo "need $((need_kb >> 20)) GiB free in $W" >&2; exit 2; }
-trap 'rm -f "$W"/*.raw "$W"/*.qed' EXIT INT TERM
+trap 'rm -f "$W"/*.raw "$W"/*.qed "$W"/*.qcow2' EXIT INT TERM
 
 echo "# $(date -u +%FT%TZ)  $(uname -r)  $(nproc) cpus  load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# $(qemu-img --version | head -1); qed $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -47,9 +48,10 @@ with open(path, "wb") as f:
         f.write(block[mib % 97:] + block[:mib % 97])
 EOF
 qemu-img convert -q -f raw -O qed "$W/half.raw" "$W/half.qed"
+qemu-img convert -q -f raw -O qcow2 "$W/half.raw" "$W/half.qcow2"
 truncate -s "$SIZE" "$W/sparse.raw"
 qemu-img create -q -f qed "$W/sparse.qed" "$SIZE"
-cat "$W/half.raw" "$W/half.qed" > /dev/null
+cat "$W/half.raw" "$W/half.qed" "$W/half.qcow2" > /dev/null
 
 SAMPLES="$W/samples.tsv"; : > "$SAMPLES"
 
@@ -74,13 +76,16 @@ run_case() {  # run_case NAME TOOL
     local name=$1 tool=$2 img io
     [[ -n $ONLY && ! $name =~ $ONLY ]] && return
     if [[ $tool == qemu ]]; then img=qemu-img; io=qemu-io; else img="$QED"; io="$QED io"; fi
-    rm -f "$W/out.qed" "$W/out.raw"
+    rm -f "$W/out.qed" "$W/out.raw" "$W/out.qcow2"
     case $name in
         "convert raw->qed (half)") measure "$name" "$tool" $img convert -f raw -O qed "$W/half.raw" "$W/out.qed" ;;
         "convert qed->raw (half)") measure "$name" "$tool" $img convert -f qed -O raw "$W/half.qed" "$W/out.raw" ;;
         "convert qed->qed (half)") measure "$name" "$tool" $img convert -f qed -O qed "$W/half.qed" "$W/out.qed" ;;
         "convert raw->qed (sparse)") measure "$name" "$tool" $img convert -f raw -O qed "$W/sparse.raw" "$W/out.qed" ;;
         "convert qed->qed (sparse)") measure "$name" "$tool" $img convert -f qed -O qed "$W/sparse.qed" "$W/out.qed" ;;
+        "convert qcow2->qed (half)") measure "$name" "$tool" $img convert -f qcow2 -O qed "$W/half.qcow2" "$W/out.qed" ;;
+        "convert qed->qcow2 (half)") measure "$name" "$tool" $img convert -f qed -O qcow2 "$W/half.qed" "$W/out.qcow2" ;;
+        "compare qcow2 qed (half)") measure "$name" "$tool" $img compare -f qcow2 -F qed "$W/half.qcow2" "$W/half.qed" ;;
         "check (half)") measure "$name" "$tool" $img check -f qed "$W/half.qed" ;;
         "compare qed raw (half)") measure "$name" "$tool" $img compare -f qed -F raw "$W/half.qed" "$W/half.raw" ;;
         "io 2000x64k writethrough"|"io 2000x64k writeback")
@@ -93,7 +98,8 @@ run_case() {  # run_case NAME TOOL
 }
 
 CASES=("convert raw->qed (half)" "convert qed->raw (half)" "convert qed->qed (half)"
-       "convert raw->qed (sparse)" "convert qed->qed (sparse)" "check (half)"
+       "convert raw->qed (sparse)" "convert qed->qed (sparse)" "convert qcow2->qed (half)"
+       "convert qed->qcow2 (half)" "compare qcow2 qed (half)" "check (half)"
        "compare qed raw (half)" "io 2000x64k writethrough" "io 2000x64k writeback")
 for round in $(seq "$ROUNDS"); do
     echo "# round $round/$ROUNDS"
