@@ -6,11 +6,12 @@
 use std::time::Instant;
 
 use super::args::{buffer, number, pattern, try_or_fail, vector_len};
+use super::rw::VectorRead;
 use super::{bad_option, usage, Ctx, Outcome};
 use crate::error::errno_text;
 use crate::io::events::Completion;
 use crate::io::getopt::getopt;
-use crate::text::{hexdump, io_report};
+use crate::text::io_report;
 
 fn failure(op: &str, e: &qed_image::Error) -> Completion {
     Completion {
@@ -21,60 +22,23 @@ fn failure(op: &str, e: &qed_image::Error) -> Completion {
 
 /// `aio_read [-Ciqrv] [-P pattern] off len [len..]`.
 pub fn aio_read(ctx: &mut Ctx<'_>, args: &[String]) -> Outcome {
-    let parsed = getopt(args, "CiP:qrv");
-    let (mut terse, mut quiet, mut verbose, mut fill) = (false, false, false, None);
-    for (c, arg) in &parsed.options {
-        match c {
-            'C' => terse = true,
-            'P' => {
-                let arg = arg.as_deref().unwrap_or_default();
-                fill = Some(try_or_fail!(pattern(&mut ctx.con, arg)));
-            }
-            'i' => {
-                ctx.con.out("injecting invalid read request\n");
-                return Outcome::Done;
-            }
-            'q' => quiet = true,
-            'v' => verbose = true,
-            _ => {} // -r: a registered buffer changes nothing here
-        }
-    }
-    if let Some(e) = &parsed.error {
-        return bad_option(ctx, e);
-    }
-    let Some((offset_arg, lens)) = parsed.operands.split_first().filter(|(_, l)| !l.is_empty())
-    else {
-        return usage(&mut ctx.con, "aio_read");
+    let mut req = match VectorRead::parse(ctx, args, "aio_read", "CiP:qrv") {
+        Ok(req) => req,
+        Err(outcome) => return outcome,
     };
-    let offset = try_or_fail!(number(&mut ctx.con, offset_arg));
-    let count = try_or_fail!(vector_len(&mut ctx.con, lens));
-    let mut buf = try_or_fail!(buffer(&mut ctx.con, "aio_read", count, 0xab));
     let Some(disk) = ctx.disk() else {
         return Outcome::Failed;
     };
     let start = Instant::now();
     ctx.events.submit(move || {
-        let result = disk.read(&mut buf, offset);
+        let result = disk.read(&mut req.buf, req.offset);
         let elapsed = start.elapsed();
         drop(disk);
         if let Err(e) = result {
             // qemu-io names an aio_read failure after readv.
             return failure("readv", &e);
         }
-        let mut out = String::new();
-        if let Some(fill) = fill {
-            if buf.iter().any(|&b| b != fill) {
-                out.push_str(&format!(
-                    "Pattern verification failed at offset {offset}, {count} bytes\n"
-                ));
-            }
-        }
-        if !quiet {
-            if verbose {
-                out.push_str(&hexdump(&buf, offset));
-            }
-            out.push_str(&io_report("read", elapsed, offset, count, count, 1, terse));
-        }
+        let (out, _) = req.report(elapsed);
         Completion { out, detail: None }
     });
     Outcome::Done

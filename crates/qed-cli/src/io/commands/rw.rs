@@ -126,52 +126,114 @@ pub fn read(ctx: &mut Ctx<'_>, args: &[String]) -> Outcome {
 
 /// `readv [-Cqrv] [-P pattern] off len [len..]`.
 pub fn readv(ctx: &mut Ctx<'_>, args: &[String]) -> Outcome {
-    let parsed = getopt(args, "CP:qrv");
-    let (mut terse, mut quiet, mut verbose, mut fill) = (false, false, false, None);
-    for (c, arg) in &parsed.options {
-        match c {
-            'C' => terse = true,
-            'P' => {
-                let arg = arg.as_deref().unwrap_or_default();
-                fill = Some(try_or_fail!(pattern(&mut ctx.con, arg)));
-            }
-            'q' => quiet = true,
-            'v' => verbose = true,
-            _ => {} // -r: a registered buffer changes nothing here
-        }
-    }
-    if let Some(e) = &parsed.error {
-        return bad_option(ctx, e);
-    }
-    let Some((offset_arg, lens)) = parsed.operands.split_first().filter(|(_, l)| !l.is_empty())
-    else {
-        return usage(&mut ctx.con, "readv");
+    let mut req = match VectorRead::parse(ctx, args, "readv", "CP:qrv") {
+        Ok(req) => req,
+        Err(outcome) => return outcome,
     };
-    let offset = try_or_fail!(number(&mut ctx.con, offset_arg));
-    let count = try_or_fail!(vector_len(&mut ctx.con, lens));
-    let mut buf = try_or_fail!(buffer(&mut ctx.con, "readv", count, 0xab));
-    let (result, elapsed) = try_or_fail!(sync_io(ctx, |disk| disk.read(&mut buf, offset)));
+    let (offset, buf) = (req.offset, &mut req.buf);
+    let (result, elapsed) = try_or_fail!(sync_io(ctx, |disk| disk.read(buf, offset)));
     if let Err(e) = result {
         return failed(&mut ctx.con, "readv", &e);
     }
-    let mut outcome = Outcome::Done;
-    if let Some(fill) = fill {
-        if buf.iter().any(|&b| b != fill) {
-            ctx.con.out(&format!(
+    let (text, verified) = req.report(elapsed);
+    ctx.con.out(&text);
+    if verified {
+        Outcome::Done
+    } else {
+        Outcome::Failed
+    }
+}
+
+/// A vectored read as `readv` and `aio_read` take it: `[-C] [-P pattern] [-q] [-v] off len
+/// [len..]` (the lengths add up to one buffer), and its report.
+pub struct VectorRead {
+    /// Guest offset.
+    pub offset: u64,
+    /// The buffer, the lengths' sum long.
+    pub buf: Vec<u8>,
+    terse: bool,
+    quiet: bool,
+    verbose: bool,
+    fill: Option<u8>,
+}
+
+impl VectorRead {
+    /// Parses `args` for the command `name` with `optstring` (`aio_read` adds `-i`, which
+    /// prints qemu-io's line and ends the command). `Err` holds the command's outcome when
+    /// there is nothing to read.
+    pub fn parse(
+        ctx: &mut Ctx<'_>,
+        args: &[String],
+        name: &str,
+        optstring: &str,
+    ) -> Result<Self, Outcome> {
+        let fail = Err(Outcome::Failed);
+        let parsed = getopt(args, optstring);
+        let (mut terse, mut quiet, mut verbose, mut fill) = (false, false, false, None);
+        for (c, arg) in &parsed.options {
+            match c {
+                'C' => terse = true,
+                'P' => match pattern(&mut ctx.con, arg.as_deref().unwrap_or_default()) {
+                    Some(p) => fill = Some(p),
+                    None => return fail,
+                },
+                'i' => {
+                    ctx.con.out("injecting invalid read request\n");
+                    return Err(Outcome::Done);
+                }
+                'q' => quiet = true,
+                'v' => verbose = true,
+                _ => {} // -r: a registered buffer changes nothing here
+            }
+        }
+        if let Some(e) = &parsed.error {
+            return Err(bad_option(ctx, e));
+        }
+        let Some((offset_arg, lens)) = parsed.operands.split_first().filter(|(_, l)| !l.is_empty())
+        else {
+            return Err(usage(&mut ctx.con, name));
+        };
+        let Some(offset) = number(&mut ctx.con, offset_arg) else {
+            return fail;
+        };
+        let Some(count) = vector_len(&mut ctx.con, lens) else {
+            return fail;
+        };
+        let Some(buf) = buffer(&mut ctx.con, name, count, 0xab) else {
+            return fail;
+        };
+        Ok(Self {
+            offset,
+            buf,
+            terse,
+            quiet,
+            verbose,
+            fill,
+        })
+    }
+
+    /// What qemu-io prints once the read is done, and whether `-P` verified.
+    pub fn report(&self, elapsed: std::time::Duration) -> (String, bool) {
+        let (offset, count) = (self.offset, self.buf.len() as u64);
+        let mut out = String::new();
+        let verified = self
+            .fill
+            .is_none_or(|fill| self.buf.iter().all(|&b| b == fill));
+        if !verified {
+            out.push_str(&format!(
                 "Pattern verification failed at offset {offset}, {count} bytes\n"
             ));
-            outcome = Outcome::Failed;
         }
+        if !self.quiet {
+            if self.verbose {
+                out.push_str(&hexdump(&self.buf, offset));
+            }
+            out.push_str(&io_report(
+                "read", elapsed, offset, count, count, 1, self.terse,
+            ));
+        }
+        (out, verified)
     }
-    if quiet {
-        return outcome;
-    }
-    if verbose {
-        ctx.con.out(&hexdump(&buf, offset));
-    }
-    ctx.con
-        .out(&io_report("read", elapsed, offset, count, count, 1, terse));
-    outcome
 }
 
 /// The options of `write`.
