@@ -7,8 +7,9 @@
 //!   the source's own backing file is that file nothing the source leaves to it is read.
 //! - `-F` may be left out with a backing file: its format is probed and recorded, with a
 //!   warning (as `qed create` does; qemu-img 10 refuses).
-//! - `-m` and `-W` are accepted; the copy runs in one thread, in guest order, which keeps the
-//!   output compact. `-C` is accepted and changes nothing.
+//! - `-m N` reads N chunks at once, each in a thread of its own; writes stay in guest order
+//!   (which keeps a new QED target compact) unless `-W` is given. Salvage mode copies in one
+//!   thread. `-C` is accepted and changes nothing.
 //!
 //! Sources may be QED, raw, qcow2 or VMDK (flat extents), the target QED, raw or qcow2: qcow2
 //! and VMDK go through the engine's `foreign` disks (imago).
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use qed_image::format::{new_image_layout, DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
 use qed_image::ops::{
     self, probe_disk_format, ConvertError, ConvertOptions, Disk, DiskFormat, NewTarget,
-    MAX_SPARSE_SIZE,
+    MAX_PARALLEL, MAX_SPARSE_SIZE,
 };
 use qed_image::{resolve_backing_path, CreateParams};
 
@@ -80,7 +81,7 @@ pub struct ConvertArgs {
     /// Try copy offloading (accepted; changes nothing).
     #[arg(short = 'C', long = "copy-range-offloading")]
     pub copy_range: bool,
-    /// Requests in flight (accepted, 1 to 16; the copy runs in order in one thread).
+    /// Chunks in flight, each read by a thread of its own (1 to 16; default 8).
     #[arg(
         short = 'm',
         long = "parallel",
@@ -88,7 +89,8 @@ pub struct ConvertArgs {
         allow_hyphen_values = true
     )]
     pub parallel: Option<String>,
-    /// Allow writes out of order (accepted; writes stay in order).
+    /// Allow writes out of guest order (a new QED target then allocates clusters in the
+    /// order reads finish).
     #[arg(short = 'W', long = "oob-writes")]
     pub oob_writes: bool,
     /// Cache mode of the target (default unsafe, as qemu-img's: the target is not flushed).
@@ -145,8 +147,15 @@ fn plain(why: impl std::fmt::Display) -> CliError {
     CliError::plain(why)
 }
 
+/// What the options that need no file say.
+struct Checked {
+    sparse_size: u64,
+    parallel: usize,
+    options: OptionList,
+}
+
 /// Checks the options that do not need any file, as qemu-img checks them first.
-fn check_arguments(args: &ConvertArgs) -> CliResult<(u64, OptionList)> {
+fn check_arguments(args: &ConvertArgs) -> CliResult<Checked> {
     let options = OptionList::parse(&args.options)?;
     if args.no_create && !args.options.is_empty() {
         return Err(plain("-o has no effect when skipping image creation"));
@@ -160,17 +169,23 @@ fn check_arguments(args: &ConvertArgs) -> CliResult<(u64, OptionList)> {
     if args.target_image_opts && !args.no_create {
         return Err(plain("--target-image-opts requires use of -n flag"));
     }
-    if let Some(text) = &args.parallel {
-        let valid = text.parse::<u64>().ok().filter(|n| (1..=16).contains(n));
-        if valid.is_none() {
-            return Err(plain(match text.parse::<u64>() {
-                Ok(_) => {
-                    "Invalid number of coroutines specified. Must be between 1 and 16.".to_string()
-                }
-                Err(_) => format!("Invalid number of coroutines specified: '{text}'."),
-            }));
-        }
-    }
+    let parallel = match &args.parallel {
+        None => ConvertOptions::default().parallel,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_PARALLEL).contains(&n) => n,
+            Ok(_) => {
+                return Err(plain(format!(
+                    "Invalid number of coroutines specified. Must be between 1 and \
+                     {MAX_PARALLEL}."
+                )))
+            }
+            Err(_) => {
+                return Err(plain(format!(
+                    "Invalid number of coroutines specified: '{text}'."
+                )))
+            }
+        },
+    };
     let sparse = match &args.sparse_size {
         None => 4096,
         Some(text) => {
@@ -185,12 +200,20 @@ fn check_arguments(args: &ConvertArgs) -> CliResult<(u64, OptionList)> {
             value
         }
     };
-    Ok((sparse, options))
+    Ok(Checked {
+        sparse_size: sparse,
+        parallel,
+        options,
+    })
 }
 
 /// Runs `qed convert`; returns the exit code.
 pub fn run(args: &ConvertArgs) -> CliResult<i32> {
-    let (sparse_size, options) = check_arguments(args)?;
+    let Checked {
+        sparse_size,
+        parallel,
+        options,
+    } = check_arguments(args)?;
     if options.help {
         print!(
             "{}",
@@ -287,6 +310,8 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         // written.
         diff_backing: backing.is_some() && !args.no_create,
         target_offset: 0,
+        parallel,
+        out_of_order: args.oob_writes,
     };
     let mut progress = Progress::new(args.progress && !args.quiet);
     let mut shift = 0;

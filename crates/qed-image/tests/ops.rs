@@ -214,3 +214,98 @@ fn bad_arguments_change_nothing() {
     };
     assert!(ops::convert(&source, &target, &odd, &mut |_, _| {}).is_err());
 }
+
+/// A QED target in memory, its storage kept to compare layouts.
+fn new_qed_on(size: u64, cluster_size: u32, spec: &BackingSpec) -> (Arc<MemoryStorage>, Disk) {
+    let storage = create_memory(&params(size, cluster_size, 4, None, false));
+    let disk = Disk::Qed(open_shared(&storage, &rw_options(), spec.layer()));
+    (storage, disk)
+}
+
+#[test]
+fn parallel_copies_write_what_one_thread_writes() {
+    for seed in 0..6 {
+        let mut rng = Rng::new(100 + seed);
+        let spec = backing(&mut rng, seed % 3);
+        let storage = create_memory(&params(
+            SIZE,
+            [4096, 65536][(seed % 2) as usize],
+            2,
+            None,
+            false,
+        ));
+        let image = open_shared(&storage, &rw_options(), spec.layer());
+        scribble(&mut rng, &image, 40);
+        let source = Disk::Qed(image);
+        let bytes = read_all(&source);
+        let diff_backing = seed % 3 != 0 && seed >= 3;
+        let target_spec = if diff_backing {
+            spec.clone()
+        } else {
+            BackingSpec::None
+        };
+        let copy = |parallel, out_of_order| {
+            let (storage, target) = new_qed_on(SIZE, 4096, &target_spec);
+            let options = ConvertOptions {
+                target_is_zero: !diff_backing,
+                diff_backing,
+                parallel,
+                out_of_order,
+                ..ConvertOptions::default()
+            };
+            let mut seen = Vec::new();
+            let stats = ops::convert(&source, &target, &options, &mut |done, total| {
+                seen.push((done, total))
+            })
+            .unwrap_or_else(|e| panic!("seed {seed}, {parallel} in flight: {e}"));
+            assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "seed {seed}");
+            assert_eq!(seen.last(), Some(&(SIZE, SIZE)), "seed {seed}");
+            assert!(
+                read_all(&target) == bytes,
+                "seed {seed}, {parallel}: contents differ"
+            );
+            let report = target
+                .image()
+                .unwrap()
+                .check(qed_image::Repair::None)
+                .unwrap();
+            assert!(report.is_clean(), "seed {seed}, {parallel}: {report:?}");
+            target.close().expect("close");
+            (storage.to_bytes(), stats)
+        };
+        let (one, one_stats) = copy(1, false);
+        // Up to 4 in flight, chunks are as large as in one thread: the same writes in the same
+        // order make the same file.
+        for parallel in [2, 4] {
+            let (file, stats) = copy(parallel, false);
+            assert!(
+                file == one,
+                "seed {seed}: {parallel} in flight laid out another file"
+            );
+            assert_eq!(stats, one_stats, "seed {seed}, {parallel}");
+        }
+        for (parallel, out_of_order) in [(8, false), (16, false), (8, true), (3, true)] {
+            let (file, _) = copy(parallel, out_of_order);
+            assert!(
+                file.len() <= one.len() + (1 << 20),
+                "seed {seed}: {} vs {}",
+                file.len(),
+                one.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn parallel_copies_refuse_a_count_out_of_range() {
+    let source = new_qed(SIZE, 65536, &BackingSpec::None);
+    let target = new_qed(SIZE, 65536, &BackingSpec::None);
+    for parallel in [0, 17] {
+        let options = ConvertOptions {
+            parallel,
+            ..ConvertOptions::default()
+        };
+        let err = ops::convert(&source, &target, &options, &mut |_, _| {}).expect_err("refused");
+        assert!(err.to_string().contains("in flight"), "{err}");
+    }
+}

@@ -13,6 +13,7 @@
 //! target, and when the source's own backing file is that same file, nothing the source
 //! leaves to it is read at all.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use crate::backing::{BackingFormat, BackingPolicy};
@@ -24,6 +25,8 @@ use super::disk::Disk;
 use super::disk::DiskFormat;
 use super::status::{BlockStatus, BlockStatusIter, Chain, StatusKind};
 use super::{is_zero, IO_BUF_SIZE, SECTOR};
+
+mod pipeline;
 
 /// Largest sparse block (`-S`), as qemu-img allows.
 pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
@@ -109,7 +112,17 @@ pub struct ConvertOptions {
     /// Where in the target the source's first byte goes (sources concatenated into one
     /// target); must be 0 with `diff_backing`.
     pub target_offset: u64,
+    /// Chunks in flight at once (`qemu-img convert -m`, 1 to [`MAX_PARALLEL`]): each is read
+    /// by a thread of its own while earlier ones are written. 1 copies in the calling thread.
+    /// Salvage mode always copies in the calling thread.
+    pub parallel: usize,
+    /// Chunks may be written in any order (`-W`) rather than in guest order; a new QED
+    /// target then allocates its clusters in the order the reads finish.
+    pub out_of_order: bool,
 }
+
+/// Most chunks in flight, as qemu-img allows.
+pub const MAX_PARALLEL: usize = 16;
 
 impl Default for ConvertOptions {
     fn default() -> Self {
@@ -118,6 +131,8 @@ impl Default for ConvertOptions {
             target_is_zero: false,
             diff_backing: false,
             target_offset: 0,
+            parallel: 8,
+            out_of_order: false,
         }
     }
 }
@@ -179,7 +194,7 @@ enum Action {
     Data,
 }
 
-/// The target side: writes in guest order, zero ranges coalesced.
+/// The target side: writes in the order given, zero ranges coalesced.
 struct Writer<'a> {
     target: &'a Disk,
     /// Added to source offsets to get target offsets.
@@ -188,7 +203,16 @@ struct Writer<'a> {
     stats: ConvertStats,
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    fn new(target: &'a Disk, shift: u64) -> Self {
+        Self {
+            target,
+            shift,
+            pending_zero: None,
+            stats: ConvertStats::default(),
+        }
+    }
+
     fn zero(&mut self, start: u64, end: u64) -> Result<(), ConvertError> {
         match &mut self.pending_zero {
             Some((_, e)) if *e == start => *e = end,
@@ -302,10 +326,53 @@ fn salvaged_status(
     }
 }
 
+/// Bytes of copy buffers in flight at most when chunks are copied in parallel: with
+/// qemu-img's default of 8 that is 1 MiB each, half of qemu-img's 8 × 2 MiB.
+const IN_FLIGHT: u64 = 8 << 20;
+
+/// Smallest chunk when copying in parallel.
+const MIN_PARALLEL_CHUNK: u64 = 256 << 10;
+
+/// Bytes handled at a time with `parallel` chunks in flight: a multiple of the sparse
+/// `block`, [`IO_BUF_SIZE`] in one thread, a share of [`IN_FLIGHT`] in more.
+fn chunk_size(parallel: usize, block: u64) -> u64 {
+    let share = if parallel <= 1 {
+        IO_BUF_SIZE as u64
+    } else {
+        (IN_FLIGHT / parallel as u64).clamp(MIN_PARALLEL_CHUNK, IO_BUF_SIZE as u64)
+    };
+    share.max(block) / block * block
+}
+
 fn run(
     source: &Disk,
     target: &Disk,
     options: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    warn: Option<&mut dyn FnMut(&ConvertError)>,
+) -> Result<ConvertStats, ConvertError> {
+    let block = if options.sparse_size > 0 {
+        options.sparse_size
+    } else {
+        8 * SECTOR
+    };
+    let parallel = if warn.is_some() { 1 } else { options.parallel };
+    run_with(
+        source,
+        target,
+        options,
+        chunk_size(parallel, block),
+        progress,
+        warn,
+    )
+}
+
+/// [`run`] with the chunk size given.
+fn run_with(
+    source: &Disk,
+    target: &Disk,
+    options: &ConvertOptions,
+    chunk: u64,
     progress: &mut dyn FnMut(u64, u64),
     warn: Option<&mut dyn FnMut(&ConvertError)>,
 ) -> Result<ConvertStats, ConvertError> {
@@ -324,6 +391,12 @@ fn run(
             "sparse size {sparse} is not a multiple of {SECTOR} up to {MAX_SPARSE_SIZE}"
         )));
     }
+    if !(1..=MAX_PARALLEL).contains(&options.parallel) {
+        return Err(invalid(format!(
+            "{} chunks in flight (1 to {MAX_PARALLEL})",
+            options.parallel
+        )));
+    }
     if options.diff_backing && options.target_offset != 0 {
         return Err(invalid(
             "a backing file for the target makes no sense at a target offset".into(),
@@ -340,124 +413,304 @@ fn run(
         same_file(paths.get(1).and_then(Option::as_deref), base.path(0))
     });
     let block = if sparse > 0 { sparse } else { 8 * SECTOR };
-    let chunk = (IO_BUF_SIZE as u64).max(block) / block * block;
-    let mut copier = Copier {
+    let worker = Worker {
         source,
         base,
-        writer: Writer {
-            target,
-            shift: options.target_offset,
-            pending_zero: None,
-            stats: ConvertStats::default(),
-        },
         options: *options,
         block,
-        chunk,
         cluster: target.cluster_size(),
-        buf: vec![0; chunk as usize],
+        buf: Vec::new(),
         base_buf: Vec::new(),
         actions: Vec::new(),
-        warn: None,
+        at: 0,
+        read: 0,
+    };
+    let plan = Plan {
+        options: *options,
+        chunk,
+        with_base: worker.base.is_some(),
+        shared_backing,
     };
     progress(0, size);
-    let step = |copier: &mut Copier<'_, '_>,
-                status: BlockStatus,
-                progress: &mut dyn FnMut(u64, u64)|
-     -> Result<(), ConvertError> {
-        let (start, end) = (status.offset, status.offset + status.length);
-        let left_to_base = status.depth >= 1 || status.kind == StatusKind::Unallocated;
-        if !(shared_backing && left_to_base) {
-            copier.range(start, end, status.kind.is_zero(), &mut |done| {
-                progress(done, size);
-            })?;
-        }
-        progress(end, size);
-        Ok(())
-    };
-    if let Some(warn) = warn {
-        // qemu-img's count of the allocated sectors, then the copy.
-        let mut pos = 0;
-        while pos < size {
-            pos = salvaged_status(source, pos, size, warn).end();
-        }
-        copier.warn = Some(warn);
-        let mut pos = 0;
-        while pos < size {
-            let Some(warn) = copier.warn.as_mut() else {
-                break;
+    let stats = match warn {
+        Some(warn) => {
+            // qemu-img's count of the allocated sectors, then the copy.
+            let mut pos = 0;
+            while pos < size {
+                pos = salvaged_status(source, pos, size, warn).end();
+            }
+            let warn = RefCell::new(warn);
+            let mut pos = 0;
+            let mut walk = |emit: &mut dyn FnMut(Task) -> Result<(), ConvertError>| {
+                while pos < size {
+                    let status = salvaged_status(source, pos, size, &mut **warn.borrow_mut());
+                    pos = status.end();
+                    plan.tasks(&status, emit)?;
+                }
+                Ok(())
             };
-            let status = salvaged_status(source, pos, size, &mut **warn);
-            pos = status.end();
-            step(&mut copier, status, progress)?;
+            let shift = options.target_offset;
+            serial(worker, target, shift, &mut walk, progress, Some(&warn))?
         }
-    } else {
-        let mut done = 0;
-        for status in source.block_status_with_holes(0, size) {
-            let status = status.map_err(|source| ConvertError::Status {
-                offset: done,
-                source,
-            })?;
-            done = status.end();
-            step(&mut copier, status, progress)?;
+        None => {
+            let mut walk = |emit: &mut dyn FnMut(Task) -> Result<(), ConvertError>| {
+                let mut done = 0;
+                for status in source.block_status_with_holes(0, size) {
+                    let status = status.map_err(|source| ConvertError::Status {
+                        offset: done,
+                        source,
+                    })?;
+                    done = status.end();
+                    plan.tasks(&status, emit)?;
+                }
+                Ok(())
+            };
+            if options.parallel > 1 {
+                pipeline::run(
+                    worker,
+                    target,
+                    options.target_offset,
+                    options.parallel,
+                    options.out_of_order,
+                    &mut walk,
+                    progress,
+                )?
+            } else {
+                serial(
+                    worker,
+                    target,
+                    options.target_offset,
+                    &mut walk,
+                    progress,
+                    None,
+                )?
+            }
         }
-    }
-    copier.writer.flush_zero()?;
-    Ok(copier.writer.stats)
+    };
+    progress(size, size);
+    Ok(stats)
 }
 
-/// The state of one conversion.
-struct Copier<'a, 'w> {
-    /// Salvage mode: where the errors of the source go.
-    warn: Option<&'w mut dyn FnMut(&ConvertError)>,
+/// Feeds the tasks `walk` makes to one worker in the calling thread.
+fn serial(
+    mut worker: Worker<'_>,
+    target: &Disk,
+    shift: u64,
+    walk: Walk<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+    warn: Option<&Salvage<'_>>,
+) -> Result<ConvertStats, ConvertError> {
+    let size = worker.source.size();
+    let mut writer = Writer::new(target, shift);
+    let mut done = 0;
+    walk(&mut |task| {
+        if task.work != Work::Skip {
+            match warn {
+                Some(warn) => worker.prepare(&task, Some(&mut **warn.borrow_mut()))?,
+                None => worker.prepare(&task, None)?,
+            }
+            worker.apply(&mut writer)?;
+        }
+        done += task.end - task.start;
+        progress(done, size);
+        Ok(())
+    })?;
+    writer.flush_zero()?;
+    Ok(ConvertStats {
+        read: worker.read,
+        ..writer.stats
+    })
+}
+
+/// Where salvage mode's warnings go, shared by the walk and the worker.
+type Salvage<'w> = RefCell<&'w mut dyn FnMut(&ConvertError)>;
+
+/// A walk of the source: calls its argument with every task, in guest order.
+type Walk<'w> =
+    &'w mut dyn FnMut(&mut dyn FnMut(Task) -> Result<(), ConvertError>) -> Result<(), ConvertError>;
+
+/// One piece of a conversion: a range of the source within one chunk, or a zero range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Task {
+    start: u64,
+    end: u64,
+    work: Work,
+}
+
+/// What a [`Task`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Nothing: the target reads the right bytes already (counted for progress only).
+    Skip,
+    /// Make the range read as zeros.
+    Zero,
+    /// Write zeros as data (a fully allocated target).
+    Fill,
+    /// Read the source (zeros without reading when `known_zero`), write what differs.
+    Copy {
+        /// The source reads zeros here.
+        known_zero: bool,
+    },
+}
+
+/// How block-status ranges become tasks.
+struct Plan {
+    options: ConvertOptions,
+    /// Bytes handled at a time: a multiple of the sparse block, chunks aligned to it.
+    chunk: u64,
+    /// Only what differs from the target's base is written.
+    with_base: bool,
+    /// The source's backing file is the target's base.
+    shared_backing: bool,
+}
+
+impl Plan {
+    /// The tasks of one block-status range, in order.
+    fn tasks(
+        &self,
+        status: &BlockStatus,
+        emit: &mut dyn FnMut(Task) -> Result<(), ConvertError>,
+    ) -> Result<(), ConvertError> {
+        let (start, end) = (status.offset, status.end());
+        let whole = |work| Task { start, end, work };
+        let left_to_base = status.depth >= 1 || status.kind == StatusKind::Unallocated;
+        if self.shared_backing && left_to_base {
+            return emit(whole(Work::Skip));
+        }
+        let known_zero = status.kind.is_zero();
+        let with_base = self.with_base;
+        if known_zero && !with_base && self.options.sparse_size > 0 {
+            return emit(whole(if self.options.target_is_zero {
+                Work::Skip
+            } else {
+                Work::Zero
+            }));
+        }
+        let work = if known_zero && !with_base {
+            // Fully allocated output: zeros written as data.
+            Work::Fill
+        } else {
+            Work::Copy { known_zero }
+        };
+        let mut pos = start;
+        while pos < end {
+            let chunk_end = end.min((pos / self.chunk + 1) * self.chunk);
+            emit(Task {
+                start: pos,
+                end: chunk_end,
+                work,
+            })?;
+            pos = chunk_end;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and plans tasks, one at a time, with buffers of its own.
+struct Worker<'a> {
     source: &'a Disk,
     /// The target's layers under its top, when only what differs from them is written.
     base: Option<Chain<'a>>,
-    writer: Writer<'a>,
     options: ConvertOptions,
     /// Sparse block size.
     block: u64,
-    /// Bytes handled at a time: a multiple of `block`, chunks aligned to it.
-    chunk: u64,
     /// The target's cluster size, for QED targets.
     cluster: Option<u64>,
     buf: Vec<u8>,
     base_buf: Vec<u8>,
+    /// What the last prepared task writes; `buf` holds its data from `at` on.
     actions: Vec<(u64, u64, Action)>,
+    at: u64,
+    /// Bytes read from the source.
+    read: u64,
 }
 
-impl Copier<'_, '_> {
-    /// Copies `[start, end)`, whose source bytes are zeros when `known_zero`.
-    fn range(
+impl Worker<'_> {
+    /// A worker like this one, with buffers of its own.
+    fn fresh(&self) -> Self {
+        Self {
+            base: self.base.clone(),
+            buf: Vec::new(),
+            base_buf: Vec::new(),
+            actions: Vec::new(),
+            at: 0,
+            read: 0,
+            ..*self
+        }
+    }
+
+    /// Reads and plans `task` (not [`Work::Skip`]): its source bytes in `buf`, its writes in
+    /// `actions`. In salvage mode, read errors go to `warn`.
+    fn prepare(
+        &mut self,
+        task: &Task,
+        warn: Option<&mut dyn FnMut(&ConvertError)>,
+    ) -> Result<(), ConvertError> {
+        let (start, end) = (task.start, task.end);
+        self.actions.clear();
+        self.at = start;
+        match task.work {
+            Work::Skip => {}
+            Work::Zero => self.actions.push((start, end, Action::Zero)),
+            Work::Fill => {
+                self.buffer(end - start).fill(0);
+                self.actions.push((start, end, Action::Data));
+            }
+            Work::Copy { known_zero } => self.copy(start, end, known_zero, warn)?,
+        }
+        Ok(())
+    }
+
+    /// `buf`, at least `n` bytes long, its first `n` bytes.
+    fn buffer(&mut self, n: u64) -> &mut [u8] {
+        let n = n as usize;
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        &mut self.buf[..n]
+    }
+
+    /// Plans a chunk inside one status range.
+    fn copy(
         &mut self,
         start: u64,
         end: u64,
         known_zero: bool,
-        progress: &mut dyn FnMut(u64),
+        warn: Option<&mut dyn FnMut(&ConvertError)>,
     ) -> Result<(), ConvertError> {
-        if known_zero && self.base.is_none() {
-            if self.options.sparse_size > 0 {
-                if !self.options.target_is_zero {
-                    self.writer.zero(start, end)?;
-                }
+        let n = end - start;
+        let base = self.base.clone();
+        let base_data = match &base {
+            Some(base) => self.read_base(base, start, end)?,
+            None => false,
+        };
+        if known_zero {
+            if base.is_some() && !base_data {
+                // Zeros over zeros.
                 return Ok(());
             }
-            // Fully allocated output: zeros written as data.
-            let mut pos = start;
-            while pos < end {
-                let n = (end - pos).min(self.chunk);
-                self.buf[..n as usize].fill(0);
-                self.writer.data(&self.buf[..n as usize], pos)?;
-                pos += n;
-                progress(pos);
-            }
-            return Ok(());
+            self.buffer(n).fill(0);
+        } else {
+            self.buffer(n);
+            self.read_source(start, n as usize, warn)?;
+            self.read += n;
         }
-        let mut pos = start;
-        while pos < end {
-            let chunk_end = end.min((pos / self.chunk + 1) * self.chunk);
-            self.chunk_at(pos, chunk_end, known_zero)?;
-            pos = chunk_end;
-            progress(pos);
+        self.plan(start, end, base.is_some(), known_zero);
+        self.fill_gaps();
+        Ok(())
+    }
+
+    /// Writes what [`Worker::prepare`] planned.
+    fn apply(&self, writer: &mut Writer<'_>) -> Result<(), ConvertError> {
+        let first = self.at;
+        for &(a, b, action) in &self.actions {
+            match action {
+                Action::Skip => {}
+                Action::Zero => writer.zero(a, b)?,
+                Action::Data => {
+                    writer.data(&self.buf[(a - first) as usize..(b - first) as usize], a)?
+                }
+            }
         }
         Ok(())
     }
@@ -467,7 +720,7 @@ impl Copier<'_, '_> {
     fn read_base(&mut self, base: &Chain<'_>, start: u64, end: u64) -> Result<bool, ConvertError> {
         let n = (end - start) as usize;
         if self.base_buf.len() < n {
-            self.base_buf.resize(self.chunk as usize, 0);
+            self.base_buf.resize(n, 0);
         }
         let mut any_data = false;
         for status in BlockStatusIter::of_chain(base.clone(), start, end - start, true) {
@@ -494,50 +747,19 @@ impl Copier<'_, '_> {
         Ok(any_data)
     }
 
-    /// Copies one chunk (inside one status range, within one aligned chunk).
-    fn chunk_at(&mut self, start: u64, end: u64, known_zero: bool) -> Result<(), ConvertError> {
-        let n = (end - start) as usize;
-        let base = self.base.clone();
-        let base_data = match &base {
-            Some(base) => self.read_base(base, start, end)?,
-            None => false,
-        };
-        if known_zero {
-            if base.is_some() && !base_data {
-                // Zeros over zeros.
-                return Ok(());
-            }
-            self.buf[..n].fill(0);
-        } else {
-            self.read_source(start, n)?;
-            self.writer.stats.read += n as u64;
-        }
-        self.plan(start, end, base.is_some(), known_zero);
-        self.fill_gaps();
-        for i in 0..self.actions.len() {
-            let (a, b, action) = self.actions[i];
-            let slice = (a - start) as usize..(b - start) as usize;
-            match action {
-                Action::Skip => {}
-                Action::Zero => self.writer.zero(a, b)?,
-                Action::Data => {
-                    let buf = std::mem::take(&mut self.buf);
-                    let result = self.writer.data(&buf[slice], a);
-                    self.buf = buf;
-                    result?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads `n` bytes of the source at `start` into `buf`; in salvage mode a failed read is
-    /// done again sector by sector, each sector that fails warned about and read as zeros.
-    fn read_source(&mut self, start: u64, n: usize) -> Result<(), ConvertError> {
+    /// Reads `n` bytes of the source at `start` into `buf`; in salvage mode (`warn`) a failed
+    /// read is done again sector by sector, each sector that fails warned about and read as
+    /// zeros.
+    fn read_source(
+        &mut self,
+        start: u64,
+        n: usize,
+        warn: Option<&mut dyn FnMut(&ConvertError)>,
+    ) -> Result<(), ConvertError> {
         let Err(source) = self.source.read_at(&mut self.buf[..n], start) else {
             return Ok(());
         };
-        let Some(warn) = self.warn.as_mut() else {
+        let Some(warn) = warn else {
             return Err(ConvertError::Read {
                 offset: start,
                 source,
@@ -679,5 +901,38 @@ mod tests {
         assert!(buf[1536..].iter().all(|&b| b == 0x2a));
         target.read_at(&mut buf, MIB + 4096).unwrap();
         assert!(buf.iter().all(|&b| b == 0x2a));
+    }
+
+    #[test]
+    fn a_failed_read_in_parallel_stops_the_copy_there() {
+        const MIB: usize = 1 << 20;
+        for out_of_order in [false, true] {
+            let rules = vec![rule(IoType::Read, 5 * MIB as u64 + 4096)];
+            let file = MemoryStorage::from_bytes(vec![0x2a; 12 * MIB]);
+            let storage = BlkdebugStorage::new(file, 0, rules).unwrap();
+            let source = Disk::Raw(RawDisk::new(Box::new(storage), false).unwrap());
+            let target = Disk::Raw(
+                RawDisk::new(Box::new(MemoryStorage::from_bytes(vec![0; 12 * MIB])), true).unwrap(),
+            );
+            let options = ConvertOptions {
+                out_of_order,
+                ..ConvertOptions::default()
+            };
+            assert_eq!(chunk_size(options.parallel, 4096), MIB as u64);
+            let err = convert(&source, &target, &options, &mut |_, _| {}).unwrap_err();
+            assert!(
+                matches!(err, ConvertError::Read { offset, .. } if offset == 5 * MIB as u64),
+                "{err:?}"
+            );
+            let mut got = vec![0u8; 12 * MIB];
+            target.read_at(&mut got, 0).unwrap();
+            assert!(got[5 * MIB..6 * MIB].iter().all(|&b| b == 0));
+            if !out_of_order {
+                // In guest order, everything before the failed chunk is written and nothing
+                // after it.
+                assert!(got[..5 * MIB].iter().all(|&b| b == 0x2a));
+                assert!(got[6 * MIB..].iter().all(|&b| b == 0));
+            }
+        }
     }
 }

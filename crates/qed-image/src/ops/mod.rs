@@ -32,7 +32,7 @@ pub use commit::{commit, CommitError, CommitOptions, CommitStats};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, Side};
 pub use convert::{
     convert, convert_salvaging, create_target, ConvertError, ConvertOptions, ConvertStats,
-    NewTarget, MAX_SPARSE_SIZE,
+    NewTarget, MAX_PARALLEL, MAX_SPARSE_SIZE,
 };
 pub use dd::{dd, plan as dd_plan, DdError, DdOptions, DdPlan, DdStats};
 pub use disk::{format_of_head, not_here, probe_disk_format, Disk, DiskFormat, RawDisk};
