@@ -113,8 +113,9 @@ pub struct ConvertOptions {
     /// target); must be 0 with `diff_backing`.
     pub target_offset: u64,
     /// Chunks in flight at once (`qemu-img convert -m`, 1 to [`MAX_PARALLEL`]): each is read
-    /// by a thread of its own while earlier ones are written. 1 copies in the calling thread.
-    /// Salvage mode always copies in the calling thread.
+    /// by a thread of its own while earlier ones are written, with no more threads than the
+    /// machine has CPUs (but two at least). 1 copies in the calling thread, and so does
+    /// salvage mode.
     pub parallel: usize,
     /// Chunks may be written in any order (`-W`) rather than in guest order; a new QED
     /// target then allocates its clusters in the order the reads finish.
@@ -326,21 +327,17 @@ fn salvaged_status(
     }
 }
 
-/// Bytes of copy buffers in flight at most when chunks are copied in parallel: with
-/// qemu-img's default of 8 that is 1 MiB each, half of qemu-img's 8 × 2 MiB.
+/// Bytes of copy buffers in flight at most when chunks are copied in parallel: with 8
+/// threads that is 1 MiB each, half of qemu-img's 8 × 2 MiB.
 const IN_FLIGHT: u64 = 8 << 20;
 
 /// Smallest chunk when copying in parallel.
 const MIN_PARALLEL_CHUNK: u64 = 256 << 10;
 
-/// Bytes handled at a time with `parallel` chunks in flight: a multiple of the sparse
-/// `block`, [`IO_BUF_SIZE`] in one thread, a share of [`IN_FLIGHT`] in more.
-fn chunk_size(parallel: usize, block: u64) -> u64 {
-    let share = if parallel <= 1 {
-        IO_BUF_SIZE as u64
-    } else {
-        (IN_FLIGHT / parallel as u64).clamp(MIN_PARALLEL_CHUNK, IO_BUF_SIZE as u64)
-    };
+/// Bytes handled at a time by `workers` threads: a multiple of the sparse `block`,
+/// [`IO_BUF_SIZE`] or, with more than 4 threads, a share of [`IN_FLIGHT`].
+fn chunk_size(workers: usize, block: u64) -> u64 {
+    let share = (IN_FLIGHT / workers.max(1) as u64).clamp(MIN_PARALLEL_CHUNK, IO_BUF_SIZE as u64);
     share.max(block) / block * block
 }
 
@@ -356,22 +353,37 @@ fn run(
     } else {
         8 * SECTOR
     };
-    let parallel = if warn.is_some() { 1 } else { options.parallel };
+    let workers = if warn.is_some() {
+        1
+    } else {
+        workers_for(options.parallel)
+    };
     run_with(
         source,
         target,
         options,
-        chunk_size(parallel, block),
+        workers,
+        chunk_size(workers, block),
         progress,
         warn,
     )
 }
 
-/// [`run`] with the chunk size given.
+/// Threads that copy with `parallel` chunks in flight: one per chunk, but no more than the
+/// machine has CPUs (at least two, so that reads overlap writes). Copying cached files is
+/// bound by the CPUs: on two of them, 8 threads copied 1 GiB 30% slower than 2, while reading
+/// from the disk they were within 10%.
+fn workers_for(parallel: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    parallel.min(cpus.max(2))
+}
+
+/// [`run`] with the number of threads and the chunk size given.
 fn run_with(
     source: &Disk,
     target: &Disk,
     options: &ConvertOptions,
+    workers: usize,
     chunk: u64,
     progress: &mut dyn FnMut(u64, u64),
     warn: Option<&mut dyn FnMut(&ConvertError)>,
@@ -465,12 +477,12 @@ fn run_with(
                 }
                 Ok(())
             };
-            if options.parallel > 1 {
+            if workers > 1 {
                 pipeline::run(
                     worker,
                     target,
                     options.target_offset,
-                    options.parallel,
+                    workers,
                     options.out_of_order,
                     &mut walk,
                     progress,
@@ -918,8 +930,17 @@ mod tests {
                 out_of_order,
                 ..ConvertOptions::default()
             };
-            assert_eq!(chunk_size(options.parallel, 4096), MIB as u64);
-            let err = convert(&source, &target, &options, &mut |_, _| {}).unwrap_err();
+            // Eight threads whatever the machine, on 1 MiB chunks.
+            let err = run_with(
+                &source,
+                &target,
+                &options,
+                8,
+                MIB as u64,
+                &mut |_, _| {},
+                None,
+            )
+            .unwrap_err();
             assert!(
                 matches!(err, ConvertError::Read { offset, .. } if offset == 5 * MIB as u64),
                 "{err:?}"
@@ -932,6 +953,80 @@ mod tests {
                 // after it.
                 assert!(got[..5 * MIB].iter().all(|&b| b == 0x2a));
                 assert!(got[6 * MIB..].iter().all(|&b| b == 0));
+            }
+        }
+    }
+
+    /// A raw source of `mib` MiB: runs of random bytes, zeros and holes, from `seed`.
+    fn mixed_source(seed: u64, mib: usize) -> Disk {
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut bytes = vec![0u8; mib << 20];
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let len = ((next() % (300 << 10)) as usize + 1).min(bytes.len() - pos);
+            if next() % 3 == 0 {
+                for b in &mut bytes[pos..pos + len] {
+                    *b = next() as u8 | 1;
+                }
+            }
+            pos += len;
+        }
+        Disk::Raw(RawDisk::new(Box::new(MemoryStorage::from_bytes(bytes)), false).unwrap())
+    }
+
+    #[test]
+    fn many_threads_lay_out_the_file_one_thread_does() {
+        use std::sync::Arc;
+        const SIZE: u64 = 8 << 20;
+        for seed in 1..5 {
+            let source = mixed_source(seed, 8);
+            let copy = |workers: usize| {
+                let storage = Arc::new(MemoryStorage::new());
+                let params = CreateParams {
+                    image_size: SIZE,
+                    cluster_size: 4096,
+                    table_size: 1,
+                    backing_file: None,
+                    backing_raw: false,
+                };
+                Image::create_on(&*storage, &params).unwrap();
+                let image = Image::open_storage(
+                    Box::new(storage.clone()),
+                    &OpenOptions::read_write(),
+                    None,
+                )
+                .unwrap();
+                let target = Disk::Qed(image);
+                let options = ConvertOptions {
+                    target_is_zero: true,
+                    parallel: workers,
+                    ..ConvertOptions::default()
+                };
+                let stats = run_with(
+                    &source,
+                    &target,
+                    &options,
+                    workers,
+                    256 << 10,
+                    &mut |_, _| {},
+                    None,
+                )
+                .unwrap();
+                target.close().unwrap();
+                (storage.to_bytes(), stats)
+            };
+            let one = copy(1);
+            for workers in [3, 8, 16] {
+                assert!(
+                    copy(workers) == one,
+                    "seed {seed}: {workers} threads differ"
+                );
             }
         }
     }

@@ -20,7 +20,16 @@ use super::{ConvertError, ConvertStats, Disk, Task, Walk, Work, Worker, Writer};
 /// The turn of writes in guest order.
 struct Gate<'a> {
     turn: Mutex<Turn<'a>>,
-    changed: Condvar,
+    /// Where the worker holding task `seq` waits: slot `seq % slots.len()`. The tasks not
+    /// yet written are held by distinct workers, so their numbers lie within one worker
+    /// count of the turn's and no two of them share a slot: a turn wakes only its own task.
+    slots: Vec<Condvar>,
+}
+
+impl Gate<'_> {
+    fn slot(&self, seq: u64) -> &Condvar {
+        &self.slots[(seq % self.slots.len() as u64) as usize]
+    }
 }
 
 /// Whose writes come next, and the target side they go through.
@@ -67,7 +76,9 @@ impl Shared<'_> {
         if let Some(gate) = &self.gate {
             // Taken so that a worker between its check and its wait cannot miss the wake-up.
             drop(lock(&gate.turn));
-            gate.changed.notify_all();
+            for slot in &gate.slots {
+                slot.notify_all();
+            }
         }
     }
 }
@@ -100,7 +111,7 @@ pub(super) fn run(
                 next: 0,
                 writer: Writer::new(target, shift),
             }),
-            changed: Condvar::new(),
+            slots: (0..parallel).map(|_| Condvar::new()).collect(),
         }),
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
@@ -178,7 +189,7 @@ fn work(
                 let mut turn = lock(&gate.turn);
                 while turn.next != seq && !shared.stopped() {
                     turn = gate
-                        .changed
+                        .slot(seq)
                         .wait(turn)
                         .unwrap_or_else(PoisonError::into_inner);
                 }
@@ -193,8 +204,9 @@ fn work(
                     shared.stop.store(true, Ordering::Release);
                 }
                 turn.next += 1;
+                let next = turn.next;
                 drop(turn);
-                gate.changed.notify_all();
+                gate.slot(next).notify_all();
                 result
             }
             (None, Some(writer)) => prepared.map_or(Ok(()), |prepared| {
