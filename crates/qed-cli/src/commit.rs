@@ -17,7 +17,7 @@ use qed_image::{
     probe_format, resolve_backing_name, BackingFormat, BackingPolicy, Image, OpenOptions,
 };
 
-use crate::error::{errno_text, open_failure, CliError, CliResult};
+use crate::error::{errno_text, open_error, open_failure, CliError, CliResult};
 use crate::format::{CacheArg, ImageFormat};
 use crate::progress::Progress;
 use crate::size::cvtnum;
@@ -90,7 +90,7 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
     let name = args.file.display().to_string();
     let (file, given) = spec::plain_arg(args.file.as_os_str(), args.image_opts, args.format)?;
     let format = ImageFormat::resolve(&file, given)
-        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
+        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_error(&e, &name)))?;
     if format == ImageFormat::Raw {
         return Err(CliError::plain("Image does not have a backing file"));
     }
@@ -103,7 +103,7 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
         ..OpenOptions::read_write()
     };
     let top = Image::open(&file, &options)
-        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
+        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_error(&e, &name)))?;
     let (layers, base) = chain(args, top, cache)?;
     let mut progress = Progress::new(args.progress && !args.quiet);
     let started = Instant::now();

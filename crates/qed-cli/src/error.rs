@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io;
 
+use qed_image::format::FormatError;
 use qed_image::Error;
 
 /// A failed command, printed as `qed: <what failed>: <why>`.
@@ -63,6 +64,50 @@ pub fn open_failure(e: &Error) -> String {
     }
 }
 
+/// Why an open failed, in QEMU's words; `name` is the file the error is about.
+pub fn open_error(e: &Error, name: &str) -> String {
+    match e {
+        Error::Io { source, .. } => {
+            let text = os_text(source);
+            match text.find("Failed to ") {
+                Some(at) if source.kind() == std::io::ErrorKind::WouldBlock => {
+                    let what = &text[at..];
+                    let what = what.split(": the image is locked").next().unwrap_or(what);
+                    format!("{what}\nIs another process using the image [{name}]?")
+                }
+                _ => format!("Could not open '{name}': {text}"),
+            }
+        }
+        Error::Format(f) => match f {
+            FormatError::BadMagic { .. } | FormatError::HeaderTruncated { .. } => {
+                "Image not in QED format".into()
+            }
+            FormatError::UnknownFeatures { bits } => format!("Unsupported QED features: {bits:x}"),
+            FormatError::ClusterSize { .. } => "QED cluster size is invalid".into(),
+            FormatError::TableSize { .. } => "QED table size is invalid".into(),
+            FormatError::ImageSizeUnaligned { .. } | FormatError::ImageSizeTooLarge { .. } => {
+                "QED image size is invalid".into()
+            }
+            // QEMU does not check header_size itself: the L1 table offset it then finds
+            // inside (or past) the header is what it refuses.
+            FormatError::TableOffset { .. } | FormatError::HeaderSizeTooLarge { .. } => {
+                "QED table offset is invalid".into()
+            }
+            other => other.to_string(),
+        },
+        Error::Backing { path, depth, cause } => match cause.as_ref() {
+            // Each layer wraps the error of the one below; the innermost knows its depth.
+            inner @ Error::Backing { .. } => open_error(inner, name),
+            cause => format!(
+                "{}{}",
+                "Could not open backing file: ".repeat((*depth).max(1)),
+                open_error(cause, &path.display().to_string())
+            ),
+        },
+        other => other.to_string(),
+    }
+}
+
 /// The `strerror` text QEMU would print for an engine error (`read failed: <this>`).
 pub fn errno_text(e: &Error) -> String {
     match e {
@@ -84,6 +129,31 @@ pub fn errno_text(e: &Error) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn open_errors_in_qemu_words() {
+        let missing = Error::Io {
+            op: "open",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(2),
+        };
+        assert_eq!(
+            open_error(&missing, "x"),
+            "Could not open 'x': No such file or directory"
+        );
+        let backing = Error::Backing {
+            path: "b.qed".into(),
+            depth: 1,
+            cause: Box::new(missing),
+        };
+        assert_eq!(
+            open_error(&backing, "top.qed"),
+            "Could not open backing file: Could not open 'b.qed': No such file or directory"
+        );
+        let features = Error::Format(FormatError::UnknownFeatures { bits: 8 });
+        assert_eq!(open_error(&features, "x"), "Unsupported QED features: 8");
+    }
+
     use super::*;
 
     #[test]

@@ -19,7 +19,7 @@ use qed_image::storage::{CacheMode, Storage};
 use qed_image::{BackingLayer, Image};
 use serde::Serialize;
 
-use crate::error::{open_failure, os_text, CliError, CliResult};
+use crate::error::{open_error, os_text, CliError, CliResult};
 use crate::format::{allocated_bytes, sector_rounded_len, ImageFormat, OutputFormat};
 use crate::json::to_qemu_json;
 use crate::spec::{self, open_disk, Access, ImageSpec, OpenError};
@@ -202,7 +202,7 @@ fn collect(args: &InfoArgs, spec: &ImageSpec) -> Result<Vec<ImageInfo>, Failure>
             error: qed_image::Error::BackingLoop { path },
             ..
         } if args.backing_chain => Failure::Loop(path),
-        e => Failure::Open(e.text(&|e, _| open_failure(e))),
+        e => Failure::Open(e.text(&|e, file| open_error(e, file))),
     })?;
     let name = opened.name.clone();
     let file = opened

@@ -18,7 +18,7 @@ use qed_image::{
     NewBacking, OpenOptions,
 };
 
-use crate::error::{errno_text, open_failure, CliError, CliResult};
+use crate::error::{errno_text, open_error, open_failure, CliError, CliResult};
 use crate::format::{CacheArg, ImageFormat};
 use crate::progress::Progress;
 use crate::spec;
@@ -98,7 +98,7 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
     let name = args.file.display().to_string();
     let (file, given) = spec::plain_arg(args.file.as_os_str(), args.image_opts, args.format)?;
     let format = ImageFormat::resolve(&file, given)
-        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
+        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_error(&e, &name)))?;
     let wanted = args.backing.clone().filter(|b| !b.is_empty());
     let shown = wanted.clone().unwrap_or_default();
     if format == ImageFormat::Raw {
@@ -121,7 +121,7 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         ..OpenOptions::read_write()
     };
     let image = Image::open(&file, &options)
-        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_failure(&e)))?;
+        .map_err(|e| CliError::new(format!("Could not open '{name}'"), open_error(&e, &name)))?;
     let target = match &wanted {
         None => None,
         Some(backing) => Some(target(args, &image, backing, given_format, safe)?),

@@ -5,14 +5,11 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qed_image::format::FormatError;
-use qed_image::Error;
-
 use super::console::Console;
 use super::disk::Disk;
 use super::flags::OpenFlags;
 use super::target::Target;
-use crate::error::os_text;
+use crate::error::open_error;
 use crate::format::ImageFormat;
 use crate::snapshot::Overlay;
 use crate::spec::{open_disk, Access, ImageSpec, Options};
@@ -59,50 +56,6 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
         _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
-    }
-}
-
-/// Why an open failed, in QEMU's words; `name` is the file the error is about.
-pub fn open_error(e: &Error, name: &str) -> String {
-    match e {
-        Error::Io { source, .. } => {
-            let text = os_text(source);
-            match text.find("Failed to ") {
-                Some(at) if source.kind() == std::io::ErrorKind::WouldBlock => {
-                    let what = &text[at..];
-                    let what = what.split(": the image is locked").next().unwrap_or(what);
-                    format!("{what}\nIs another process using the image [{name}]?")
-                }
-                _ => format!("Could not open '{name}': {text}"),
-            }
-        }
-        Error::Format(f) => match f {
-            FormatError::BadMagic { .. } | FormatError::HeaderTruncated { .. } => {
-                "Image not in QED format".into()
-            }
-            FormatError::UnknownFeatures { bits } => format!("Unsupported QED features: {bits:x}"),
-            FormatError::ClusterSize { .. } => "QED cluster size is invalid".into(),
-            FormatError::TableSize { .. } => "QED table size is invalid".into(),
-            FormatError::ImageSizeUnaligned { .. } | FormatError::ImageSizeTooLarge { .. } => {
-                "QED image size is invalid".into()
-            }
-            // QEMU does not check header_size itself: the L1 table offset it then finds
-            // inside (or past) the header is what it refuses.
-            FormatError::TableOffset { .. } | FormatError::HeaderSizeTooLarge { .. } => {
-                "QED table offset is invalid".into()
-            }
-            other => other.to_string(),
-        },
-        Error::Backing { path, depth, cause } => match cause.as_ref() {
-            // Each layer wraps the error of the one below; the innermost knows its depth.
-            inner @ Error::Backing { .. } => open_error(inner, name),
-            cause => format!(
-                "{}{}",
-                "Could not open backing file: ".repeat((*depth).max(1)),
-                open_error(cause, &path.display().to_string())
-            ),
-        },
-        other => other.to_string(),
     }
 }
 
@@ -376,29 +329,5 @@ mod tests {
         let (p, err) = options("x");
         assert_eq!(p, vec![("x".into(), "on".into())]);
         assert!(err.contains("short-form boolean option 'x' deprecated\nPlease use x=on instead"));
-    }
-
-    #[test]
-    fn open_errors_in_qemu_words() {
-        let missing = Error::Io {
-            op: "open",
-            offset: 0,
-            source: std::io::Error::from_raw_os_error(2),
-        };
-        assert_eq!(
-            open_error(&missing, "x"),
-            "Could not open 'x': No such file or directory"
-        );
-        let backing = Error::Backing {
-            path: "b.qed".into(),
-            depth: 1,
-            cause: Box::new(missing),
-        };
-        assert_eq!(
-            open_error(&backing, "top.qed"),
-            "Could not open backing file: Could not open 'b.qed': No such file or directory"
-        );
-        let features = Error::Format(FormatError::UnknownFeatures { bits: 8 });
-        assert_eq!(open_error(&features, "x"), "Unsupported QED features: 8");
     }
 }

@@ -309,7 +309,7 @@ pub fn open_arg(
     open_disk(&spec, access, &mut |_| {}).map_err(|e| {
         crate::error::CliError::new(
             format!("Could not open '{}'", arg.to_string_lossy()),
-            e.text(&|e, _| crate::error::open_failure(e)),
+            e.text(&|e, file| crate::error::open_error(e, file)),
         )
     })
 }
@@ -323,13 +323,13 @@ pub fn open_any_arg(
     format: Option<AnyFormat>,
     access: &Access,
 ) -> crate::error::CliResult<qed_image::ops::Disk> {
-    use crate::error::{open_failure, CliError};
+    use crate::error::{open_error, CliError};
     use qed_image::ops::{probe_disk_format, Disk, DiskFormat};
     let could_not =
         |why: String| CliError::new(format!("Could not open '{}'", arg.to_string_lossy()), why);
     let open_foreign = |path: &Path, format: DiskFormat| {
         Disk::open_any(path, Some(format), &access.options(false))
-            .map_err(|e| could_not(open_failure(&e)))
+            .map_err(|e| could_not(open_error(&e, &path.to_string_lossy())))
     };
     let native = match format {
         Some(AnyFormat::Qed) => Some(ImageFormat::Qed),
@@ -359,7 +359,7 @@ pub fn open_any_arg(
     }
     open_disk(&spec, access, &mut |_| {})
         .map(|opened| opened.disk)
-        .map_err(|e| could_not(e.text(&|e, _| open_failure(e))))
+        .map_err(|e| could_not(e.text(&|e, file| open_error(e, file))))
 }
 
 /// A command's image argument that must be a format over a plain file (the command works on
