@@ -6,7 +6,7 @@
 # write command) and writeback mode. Prints the median wall time and peak memory (max RSS) of
 # each, and the ratio QEMU time / qed time (above 1: qed is faster).
 #
-# Knobs: ROUNDS=3  SIZE_GIB=4  ONLY=regex (case names)  BENCH_DIR=DIR (default
+# Each run starts after a sync; a first round warms up, uncounted. Knobs: ROUNDS=3  SIZE_GIB=4  ONLY=regex (case names)  BENCH_DIR=DIR (default
 #        target/bench-img)  OUT=FILE (raw samples, TSV)
 set -euo pipefail
 
@@ -59,8 +59,11 @@ SAMPLES="$W/samples.tsv"; : > "$SAMPLES"
 measure() {
     local name=$1 tool=$2; shift 2
     local out
+    # Dirty pages of the previous run are written back first, not during this one.
+    sync
     /usr/bin/time -o "$W/time.out" -f '%e %M' "$@" >/dev/null 2>&1 || true
     out=$(tail -1 "$W/time.out")
+    (( round > 0 )) || return 0
     printf '%s\t%s\t%s\t%s\n' "$name" "$tool" "${out% *}" "${out#* }" >> "$SAMPLES"
 }
 
@@ -101,7 +104,9 @@ CASES=("convert raw->qed (half)" "convert qed->raw (half)" "convert qed->qed (ha
        "convert raw->qed (sparse)" "convert qed->qed (sparse)" "convert qcow2->qed (half)"
        "convert qed->qcow2 (half)" "compare qcow2 qed (half)" "check (half)"
        "compare qed raw (half)" "io 2000x64k writethrough" "io 2000x64k writeback")
-for round in $(seq "$ROUNDS"); do
+# Round 0 warms up and is not counted: the first runs after the data is made are slower
+# for both tools (memory the machine had not touched yet), by up to 2x.
+for round in $(seq 0 "$ROUNDS"); do
     echo "# round $round/$ROUNDS"
     for c in "${CASES[@]}"; do
         if (( round % 2 )); then run_case "$c" qed; run_case "$c" qemu

@@ -7,7 +7,8 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 
 use super::map::{parse_qemu_map, MapEntry};
 
@@ -19,9 +20,8 @@ pub fn in_ci() -> bool {
 /// Whether `tool` can be run. When it cannot: panics under CI (`CI=true`), otherwise prints a
 /// note and returns false so that the caller returns early.
 pub fn require_tool(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
+    let ok = spawn(Command::new(tool).arg("--version"))
+        .and_then(std::process::Child::wait_with_output)
         .is_ok_and(|o| o.status.success());
     if !ok {
         if in_ci() {
@@ -30,6 +30,24 @@ pub fn require_tool(tool: &str) -> bool {
         eprintln!("note: {tool} not found; skipping what needs it");
     }
     ok
+}
+
+/// Held while a child is started.
+static SPAWNING: Mutex<()> = Mutex::new(());
+
+/// Starts `cmd` with its output captured, one child at a time in this process.
+///
+/// Between fork and exec a child holds a copy of every descriptor of the test process, and
+/// with it the open file description an image's OFD lock belongs to. Without this, a test that
+/// closes an image and runs qemu-img on it could find the lock still held by another test's
+/// child that had not yet exec'd. `spawn` returns once the child has exec'd (and so closed its
+/// copies), so a child started after this lock is taken sees no lock of a closed image.
+fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let _one_at_a_time = SPAWNING.lock().unwrap_or_else(PoisonError::into_inner);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
 }
 
 /// What a finished command left behind.
@@ -70,8 +88,8 @@ where
     if let Some(dir) = dir {
         cmd.current_dir(dir);
     }
-    let out = cmd
-        .output()
+    let out = spawn(&mut cmd)
+        .and_then(std::process::Child::wait_with_output)
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     Output {
         status: out.status.code(),
