@@ -327,8 +327,9 @@ fn salvaged_status(
     }
 }
 
-/// Bytes of copy buffers in flight at most when chunks are copied in parallel: with 8
-/// threads that is 1 MiB each, half of qemu-img's 8 × 2 MiB.
+/// Bytes of source chunks in flight at most with more than 4 copy threads: with 8 that is
+/// 1 MiB each, half of qemu-img's 8 × 2 MiB. (`-B` holds as much again of the backing file,
+/// and a sparse block larger than a thread's share is its chunk.)
 const IN_FLIGHT: u64 = 8 << 20;
 
 /// Smallest chunk when copying in parallel.
@@ -691,13 +692,17 @@ impl Worker<'_> {
         warn: Option<&mut dyn FnMut(&ConvertError)>,
     ) -> Result<(), ConvertError> {
         let n = end - start;
-        let base = self.base.clone();
-        let base_data = match &base {
-            Some(base) => self.read_base(base, start, end)?,
+        let with_base = self.base.is_some();
+        let base_data = match self.base.take() {
+            Some(base) => {
+                let read = self.read_base(&base, start, end);
+                self.base = Some(base);
+                read?
+            }
             None => false,
         };
         if known_zero {
-            if base.is_some() && !base_data {
+            if with_base && !base_data {
                 // Zeros over zeros.
                 return Ok(());
             }
@@ -707,7 +712,7 @@ impl Worker<'_> {
             self.read_source(start, n as usize, warn)?;
             self.read += n;
         }
-        self.plan(start, end, base.is_some(), known_zero);
+        self.plan(start, end, with_base, known_zero);
         self.fill_gaps();
         Ok(())
     }

@@ -59,18 +59,18 @@ impl Shared<'_> {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Records the failure of task `seq` and stops everything. Not called with the turn held.
-    fn fail(&self, seq: u64, error: ConvertError) {
-        {
-            let mut failure = lock(&self.failure);
-            if failure.as_ref().is_none_or(|(at, _)| seq < *at) {
-                *failure = Some((seq, error));
-            }
+    /// Records the failure of task `seq` (the one earliest in guest order is kept) and stops
+    /// the walk and the workers; [`Shared::halt`] wakes those waiting.
+    fn record(&self, seq: u64, error: ConvertError) {
+        let mut failure = lock(&self.failure);
+        if failure.as_ref().is_none_or(|(at, _)| seq < *at) {
+            *failure = Some((seq, error));
         }
-        self.halt();
+        self.stop.store(true, Ordering::Release);
     }
 
-    /// Stops the walk and wakes every worker waiting for its turn.
+    /// Stops the walk and wakes every worker waiting for its turn. Not called with the turn
+    /// held.
     fn halt(&self) {
         self.stop.store(true, Ordering::Release);
         if let Some(gate) = &self.gate {
@@ -184,7 +184,7 @@ fn work(
             break;
         };
         let prepared = (!shared.stopped()).then(|| worker.prepare(&task, None));
-        let result = match (&shared.gate, writer.as_mut()) {
+        match (&shared.gate, writer.as_mut()) {
             (Some(gate), _) => {
                 let mut turn = lock(&gate.turn);
                 while turn.next != seq && !shared.stopped() {
@@ -199,23 +199,39 @@ fn work(
                     }
                     _ => Ok(()),
                 };
-                if result.is_err() {
-                    // Before the turn passes: no later task may write.
-                    shared.stop.store(true, Ordering::Release);
-                }
                 turn.next += 1;
                 let next = turn.next;
-                drop(turn);
-                gate.slot(next).notify_all();
-                result
+                match result {
+                    Ok(()) => {
+                        drop(turn);
+                        gate.slot(next).notify_all();
+                    }
+                    Err(error) => {
+                        // Recorded, and everything stopped, before the turn passes: no later
+                        // task may write.
+                        shared.record(seq, error);
+                        drop(turn);
+                        // Tests: a later worker that missed the stop would write now.
+                        #[cfg(test)]
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        shared.halt();
+                    }
+                }
             }
-            (None, Some(writer)) => prepared.map_or(Ok(()), |prepared| {
-                prepared.and_then(|()| worker.apply(writer))
-            }),
+            (None, Some(writer)) => {
+                let result = match prepared {
+                    // Out of order, what is read after a failure is not written either.
+                    Some(prepared) if !shared.stopped() => {
+                        prepared.and_then(|()| worker.apply(writer))
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(error) = result {
+                    shared.record(seq, error);
+                    shared.halt();
+                }
+            }
             (None, None) => unreachable!("out of order, every worker has a writer"),
-        };
-        if let Err(error) = result {
-            shared.fail(seq, error);
         }
         shared
             .done
@@ -224,7 +240,8 @@ fn work(
     let mut stats = ConvertStats::default();
     if let Some(mut writer) = writer {
         if let Err(error) = writer.flush_zero() {
-            shared.fail(u64::MAX, error);
+            shared.record(u64::MAX, error);
+            shared.halt();
         }
         stats = writer.stats;
     }
