@@ -9,6 +9,8 @@
 //! `-b` implies `-d`, as in qemu-img (the layers between keep their data and no longer read
 //! as they did; the image itself does).
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -100,6 +102,7 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
     let options = OpenOptions {
         cache,
         backing: BackingPolicy::Ignore,
+        backing_names: Some(crate::spec::backing_names()),
         ..OpenOptions::read_write()
     };
     let top = Image::open(&file, &options)
@@ -164,15 +167,46 @@ fn chain(
             }));
         };
         let above = current.path().unwrap_or(&args.file).to_path_buf();
+        let named = stored.starts_with(b"json:");
+        let shown = if named {
+            String::from_utf8_lossy(&stored).into_owned()
+        } else {
+            path.display().to_string()
+        };
         let cannot_open = |why: String| {
             CliError::new(
                 format!("Could not open '{name}'"),
-                format!(
-                    "Could not open backing file: Could not open '{}': {why}",
-                    path.display()
-                ),
+                format!("Could not open backing file: Could not open '{shown}': {why}"),
             )
         };
+        if named {
+            // A backing file named in QEMU's json: syntax, opened as such a name.
+            let is_base = args.base.as_ref().is_none_or(|b| b.as_bytes() == stored);
+            let access = spec::Access {
+                writable: is_base,
+                unlocked: false,
+                cache,
+                backing: is_base,
+            };
+            let given = info.backing_format.map(ImageFormat::from);
+            let spec = spec::parse_arg(OsStr::from_bytes(&stored), false, given)?;
+            let opened = spec::open_disk(&spec, &access, &mut |_| {})
+                .map_err(|e| cannot_open(e.text(&|e, _| open_failure(e))))?;
+            match opened.disk {
+                disk if is_base => return Ok((layers, disk)),
+                Disk::Qed(image) => {
+                    layers.push(image);
+                    continue;
+                }
+                other => {
+                    let _ = other.close();
+                    let base = args.base.as_deref().unwrap_or_default();
+                    return Err(CliError::plain(format!(
+                        "Did not find '{base}' in the backing chain of '{name}'"
+                    )));
+                }
+            }
+        }
         let format = match info.backing_format {
             Some(format) => format,
             None => probe_format(&path).map_err(|e| cannot_open(open_failure(&e)))?,
@@ -185,6 +219,7 @@ fn chain(
             let options = OpenOptions {
                 cache,
                 backing: BackingPolicy::Follow,
+                backing_names: Some(crate::spec::backing_names()),
                 ..OpenOptions::read_write()
             };
             let base = Disk::open(&path, Some(format), &options)
@@ -201,6 +236,7 @@ fn chain(
         let options = OpenOptions {
             cache,
             backing: BackingPolicy::Ignore,
+            backing_names: Some(crate::spec::backing_names()),
             ..OpenOptions::read_only()
         };
         let layer = Image::open(&path, &options).map_err(|e| cannot_open(open_failure(&e)))?;

@@ -214,7 +214,8 @@ fn create_qed(
     if !args.quiet {
         let mut line = format!("Formatting '{name}', fmt=qed size={given_size}");
         if let Some(b) = &backing {
-            line.push_str(&format!(" backing_file={}", b.name));
+            // As QEMU prints option values: commas doubled.
+            line.push_str(&format!(" backing_file={}", b.name.replace(',', ",,")));
         }
         if let Some(format) = backing.as_ref().map(|b| b.format).or(backing_format) {
             line.push_str(&format!(" backing_fmt={}", format.name()));
@@ -237,6 +238,9 @@ fn inspect_backing(
     backing: &str,
     given: Option<ImageFormat>,
 ) -> CliResult<Backing> {
+    if backing.starts_with("json:") {
+        return inspect_named_backing(name, backing, given);
+    }
     let path = resolve_backing_path(file, backing);
     let fail = |why: String| {
         CliError::new(
@@ -272,6 +276,44 @@ fn inspect_backing(
                 .size()
         }
     };
+    Ok(Backing {
+        name: backing.to_string(),
+        format,
+        size,
+    })
+}
+
+/// [`inspect_backing`] for a backing file named in QEMU's `json:{...}` syntax: opened as
+/// such an image name is (its format as given, or the node's own).
+fn inspect_named_backing(
+    name: &str,
+    backing: &str,
+    given: Option<ImageFormat>,
+) -> CliResult<Backing> {
+    // QEMU's words: the open error of the node that failed, as it names itself.
+    let fail = |why: String| CliError::new(name, format!("{why}\nCould not open backing image."));
+    let spec = crate::spec::parse_arg(std::ffi::OsStr::new(backing), false, given)?;
+    let access = crate::spec::Access {
+        backing: false,
+        ..crate::spec::Access::read_only()
+    };
+    let opened = crate::spec::open_disk(&spec, &access, &mut |_| {})
+        .map_err(|e| fail(e.text(&|e, file| crate::error::open_error(e, file))))?;
+    let format = match given {
+        Some(format) => format,
+        None => {
+            let format = ImageFormat::from_name(opened.format).unwrap_or(ImageFormat::Raw);
+            eprintln!(
+                "{}: warning: {name}: backing file '{backing}' given without a backing \
+                 format; detected format {} (recorded in the image)",
+                crate::prog(),
+                format.name()
+            );
+            format
+        }
+    };
+    let size = opened.disk.size();
+    let _ = opened.disk.close();
     Ok(Backing {
         name: backing.to_string(),
         format,

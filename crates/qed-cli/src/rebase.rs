@@ -118,6 +118,7 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         } else {
             BackingPolicy::Ignore
         },
+        backing_names: Some(crate::spec::backing_names()),
         ..OpenOptions::read_write()
     };
     let image = Image::open(&file, &options)
@@ -201,6 +202,7 @@ fn open_new_backing(args: &RebaseArgs, image: &Image, target: &Target) -> CliRes
         cache: args.source_cache.map_or_else(Default::default, Into::into),
         force_share: args.force_share,
         backing: BackingPolicy::Follow,
+        backing_names: Some(crate::spec::backing_names()),
         ..OpenOptions::read_only()
     };
     BackingLayer::open(&path, Some(target.format), &options).map_err(|e| {

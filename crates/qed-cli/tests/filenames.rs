@@ -470,3 +470,94 @@ fn convert_salvages_what_blkdebug_fails() {
     );
     assert_eq!(code(&out), 0, "{}", stdout(&out));
 }
+
+#[test]
+fn backing_files_named_in_json_syntax_open_and_take_commits() {
+    if !have_qemu() {
+        return;
+    }
+    let pair = Pair::new();
+    // The base over blkdebug, as QEMU's iotest 020 names it; `rule` is its inject-error list.
+    let named = |d: &str, rule: &str| {
+        format!(
+            "json:{{'driver': 'qed', 'file': {{ 'driver': 'blkdebug', 'inject-error': \
+             [{rule}], 'image': {{ 'driver': 'file', 'filename': '{d}/base.qed' }}}}}}"
+        )
+    };
+    let failing = "{ 'event': 'write_aio', 'errno': 28, 'once': true }";
+    let cases: Vec<(&str, Args)> = vec![
+        (
+            "qemu-img",
+            Box::new(move |d| {
+                let mut args = words(&["create", "-f", "qed", "-b"]);
+                args.push(named(d, failing));
+                args.extend(words(&["-F", "qed", "failing.qed", "4M"]));
+                args
+            }),
+        ),
+        // Reads fall through to the base named in json: syntax.
+        (
+            "qemu-io",
+            Box::new(|_| {
+                words(&[
+                    "-c",
+                    "read -P 0x11 0 64k",
+                    "-c",
+                    "read -P 0x22 1M 8k",
+                    "-c",
+                    "write -P 0x44 2M 64k",
+                    "failing.qed",
+                ])
+            }),
+        ),
+        (
+            "qemu-img",
+            Box::new(|_| words(&["compare", "-f", "qed", "failing.qed", "top.qed"])),
+        ),
+        // The first write into the base fails with ENOSPC.
+        ("qemu-img", Box::new(|_| words(&["commit", "failing.qed"]))),
+        (
+            "qemu-img",
+            Box::new(move |d| {
+                let mut args = words(&["create", "-q", "-f", "qed", "-b"]);
+                args.push(format!(
+                    "json:{{'driver': 'qed', 'file': {{'driver': 'file', 'filename': \
+                     '{d}/base.qed'}}}}"
+                ));
+                args.extend(words(&["-F", "qed", "plain.qed", "4M"]));
+                args
+            }),
+        ),
+        (
+            "qemu-io",
+            Box::new(|_| words(&["-c", "write -P 0x55 3M 64k", "plain.qed"])),
+        ),
+        ("qemu-img", Box::new(|_| words(&["commit", "plain.qed"]))),
+        (
+            "qemu-io",
+            Box::new(|_| words(&["-c", "read -P 0x55 3M 64k", "base.qed"])),
+        ),
+    ];
+    // A file named inside that is missing, and an option blkdebug does not take.
+    for backing in [
+        "json:{'driver': 'qed', 'file': {'driver': 'file', 'filename': 'nothere.qed'}}".to_string(),
+        named("DIR", ""),
+    ] {
+        let (qemu, ours) = pair.run("qemu-img", |_| {
+            let mut args = words(&["create", "-f", "qed", "-b"]);
+            args.push(backing.clone());
+            args.extend(words(&["-F", "qed", "bad.qed", "4M"]));
+            args
+        });
+        assert_eq!(qemu, ours);
+        assert_eq!(ours.code, 1);
+    }
+    for (tool, args) in &cases {
+        let (qemu, ours) = pair.run(tool, args);
+        assert_eq!(qemu, ours, "{tool} {:?}", args("DIR"));
+    }
+    // Both bases are clean (qed adds `Image end offset`).
+    let (qemu, ours) = pair.run("qemu-img", |_| words(&["check", "base.qed"]));
+    assert_eq!((qemu.code, ours.code), (0, 0), "{qemu:?} {ours:?}");
+    assert!(ours.stdout.starts_with(&qemu.stdout), "{qemu:?} {ours:?}");
+}

@@ -165,8 +165,20 @@ impl Image {
                     OsStr::from_bytes(name)
                 ))),
                 BackingPolicy::Follow => {
-                    let resolved = resolve_backing_name(path, name);
                     let format = header.backing_is_raw().then_some(BackingFormat::Raw);
+                    if let Some(names) = &options.backing_names {
+                        if let Some(opened) = (names.0)(name, format, &backing_options) {
+                            return opened.map(Some).map_err(|cause| match cause {
+                                e @ (Error::Chain(_) | Error::BackingLoop { .. }) => e,
+                                e => Error::Backing {
+                                    path: PathBuf::from(OsStr::from_bytes(name)),
+                                    depth: chain.len(),
+                                    cause: Box::new(e),
+                                },
+                            });
+                        }
+                    }
+                    let resolved = resolve_backing_name(path, name);
                     BackingLayer::open_in_chain(&resolved, format, &backing_options, chain)
                         .map(Some)
                 }

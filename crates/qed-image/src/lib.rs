@@ -63,7 +63,7 @@ pub use extent::{
 pub use image::{
     has_qed_magic, probe_format, resolve_backing_name, resolve_backing_path, Image, MAX_CHAIN_DEPTH,
 };
-pub use options::{ImageInfo, OpenOptions};
+pub use options::{BackingNames, ImageInfo, OpenBackingByName, OpenOptions};
 pub use qed_format::{self as format, CreateParams, Geometry, Header, L2Entry};
 pub use shape::NewBacking;
 pub use storage::{CacheMode, Storage};

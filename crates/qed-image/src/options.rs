@@ -1,12 +1,32 @@
 //! How to open an image, and what its header says.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qed_format::Header;
 
-use crate::backing::{BackingFormat, BackingPolicy};
+use crate::backing::{BackingFormat, BackingLayer, BackingPolicy};
 use crate::storage::CacheMode;
+use crate::Result;
+
+/// The signature of [`BackingNames`]: the name as stored, the format the header fixes, the
+/// options the backing file is opened with; `None` when the name is a path after all.
+pub type OpenBackingByName = dyn Fn(&[u8], Option<BackingFormat>, &OpenOptions) -> Option<Result<BackingLayer>>
+    + Send
+    + Sync;
+
+/// Opens backing files whose names are not paths: a caller that understands another syntax
+/// (QEMU's `json:{...}`, say) opens those itself. Asked first for every backing file down
+/// the chain; a name it answers `None` for is resolved as a path.
+#[derive(Clone)]
+pub struct BackingNames(pub Arc<OpenBackingByName>);
+
+impl std::fmt::Debug for BackingNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackingNames(..)")
+    }
+}
 
 /// How to open an image.
 #[derive(Debug, Clone)]
@@ -28,6 +48,8 @@ pub struct OpenOptions {
     pub clean_after: Duration,
     /// Largest L1 table (bytes) an image may demand.
     pub max_table_bytes: u64,
+    /// Backing files named other than by path, opened by the caller.
+    pub backing_names: Option<BackingNames>,
 }
 
 impl Default for OpenOptions {
@@ -40,6 +62,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: 32 << 20,
             clean_after: Duration::from_secs(5),
             max_table_bytes: 256 << 20,
+            backing_names: None,
         }
     }
 }

@@ -63,6 +63,7 @@ impl Target {
                     } else {
                         BackingPolicy::Follow
                     },
+                    backing_names: Some(crate::spec::backing_names()),
                     ..OpenOptions::default()
                 };
                 Image::open(path, &options).map(Target::Qed)

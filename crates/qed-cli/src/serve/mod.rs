@@ -275,6 +275,7 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
                 writable: !args.read_only,
                 cache,
                 backing: BackingPolicy::Follow,
+                backing_names: Some(crate::spec::backing_names()),
                 ..OpenOptions::default()
             };
             Image::open(&file, &options).map(|i| Opened::Qed(Arc::new(i)))

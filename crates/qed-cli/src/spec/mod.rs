@@ -34,7 +34,7 @@ use serde_json::Value;
 use crate::format::{AnyFormat, ImageFormat};
 use crate::size::parse_size;
 
-pub use open::{open_disk, Access, OpenError, OpenedDisk};
+pub use open::{backing_names, open_disk, Access, OpenError, OpenedDisk};
 
 /// Flat options: dotted keys (`file.filename`) and their values (strings from option strings,
 /// typed values from `json:` names).
@@ -1212,10 +1212,10 @@ fn blkdebug_rules(options: &mut Options) -> Result<Vec<Rule>, String> {
                 return Err(format!("Invalid parameter '{key}'"));
             }
             rules.push(Rule {
-                event: if event == "none" {
-                    Event::Open
-                } else {
-                    Event::Other(event)
+                event: match event.as_str() {
+                    "none" => Event::Open,
+                    "write_aio" => Event::Write,
+                    _ => Event::Other(event),
                 },
                 state,
                 action,

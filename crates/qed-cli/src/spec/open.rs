@@ -3,14 +3,17 @@
 //! blkdebug and quorum over them, and format nodes used as the storage of another
 //! ([`DiskStorage`]).
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use qed_image::ops::{Disk, DiskStorage, RawDisk};
 use qed_image::storage::{
     BlkdebugStorage, CacheMode, FileOptions, FileStorage, LockMode, QuorumStorage, Storage,
 };
-use qed_image::{has_qed_magic, BackingLayer, BackingPolicy, Error, OpenOptions};
+use qed_image::{has_qed_magic, BackingLayer, BackingNames, BackingPolicy, Error, OpenOptions};
 
 use super::{bool_of, BackingSpec, FileDriver, FileNode, FormatNode, ImageSpec, Node};
 use crate::error::os_text;
@@ -50,9 +53,64 @@ impl Access {
             } else {
                 BackingPolicy::Ignore
             },
+            backing_names: Some(backing_names()),
             ..OpenOptions::default()
         }
     }
+}
+
+/// Opens the backing files a header names in QEMU's `json:{...}` syntax as image names are
+/// opened (read-only, as every backing file); other names are left to the engine as paths.
+/// Files named inside are taken as they are written (QEMU does not resolve them against the
+/// image's directory either).
+pub fn backing_names() -> BackingNames {
+    BackingNames(Arc::new(|name, given, options| {
+        name.starts_with(b"json:")
+            .then(|| open_named_backing(OsStr::from_bytes(name), given, options))
+    }))
+}
+
+fn open_named_backing(
+    name: &OsStr,
+    given: Option<qed_image::BackingFormat>,
+    options: &OpenOptions,
+) -> qed_image::Result<BackingLayer> {
+    let spec = ImageSpec::from_arg(name, false, given.map(ImageFormat::from))
+        .map_err(Error::InvalidArgument)?;
+    let access = Access {
+        writable: false,
+        unlocked: options.force_share,
+        cache: options.cache,
+        backing: true,
+    };
+    let label = spec.node.display_name();
+    let (disk, _) = open_node(&spec.node, &access, &mut |_| {}).map_err(engine_error)?;
+    backing_layer(disk, &label).map_err(engine_error)
+}
+
+/// An error of opening through nodes, as the engine's (for a backing file the engine asked
+/// for).
+fn engine_error(e: OpenError) -> Error {
+    match e {
+        OpenError::Engine { error, .. } => error,
+        OpenError::Message(text) => Error::InvalidArgument(text),
+        OpenError::Backing(inner) => engine_error(*inner),
+    }
+}
+
+/// A disk as the backing layer of the image above it.
+fn backing_layer(disk: Disk, label: &str) -> Result<BackingLayer, OpenError> {
+    Ok(match disk {
+        Disk::Qed(image) => BackingLayer::Qed(Box::new(image)),
+        Disk::Raw(raw) => {
+            BackingLayer::raw(raw.into_storage()).map_err(|error| OpenError::Engine {
+                file: label.to_string(),
+                error,
+            })?
+        }
+        // open_node opens QED and raw disks only.
+        Disk::Foreign(_) => unreachable!("a backing node opened as qcow2 or VMDK"),
+    })
 }
 
 /// An open image.
@@ -298,17 +356,15 @@ fn open_backing(
         ))),
         BackingSpec::Node(backing) => {
             let (disk, _) = open_node(backing, access, &mut |_| {})?;
-            Ok(Some(match disk {
-                Disk::Qed(image) => BackingLayer::Qed(Box::new(image)),
-                Disk::Raw(raw) => {
-                    BackingLayer::raw(raw.into_storage()).map_err(|error| OpenError::Engine {
-                        file: backing.display_name(),
-                        error,
-                    })?
-                }
-                // open_node opens QED and raw disks only.
-                Disk::Foreign(_) => unreachable!("a backing node opened as qcow2 or VMDK"),
-            }))
+            backing_layer(disk, &backing.display_name()).map(Some)
+        }
+        BackingSpec::Default if name.starts_with(b"json:") => {
+            open_named_backing(OsStr::from_bytes(name), given, &access.options(false))
+                .map(Some)
+                .map_err(|error| OpenError::Engine {
+                    file: String::from_utf8_lossy(name).into_owned(),
+                    error,
+                })
         }
         BackingSpec::Default => {
             let Some(path) = super::full_backing_name(dir, name) else {

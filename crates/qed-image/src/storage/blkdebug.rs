@@ -89,6 +89,9 @@ impl IoTypes {
 pub enum Event {
     /// QEMU's `none`: when the storage is set up.
     Open,
+    /// QEMU's `write_aio`: before a write. QEMU's format drivers fire it for the guest data
+    /// they write; here every write through the storage fires it, metadata writes too.
+    Write,
     /// Any other event, by its name: never fired here.
     Other(String),
 }
@@ -135,11 +138,21 @@ pub struct BlkdebugStorage<S> {
     inner: S,
     align: u64,
     /// The armed `inject-error` rules, in QEMU's order (the first that matches acts).
-    active: Mutex<Vec<Injection>>,
+    active: Mutex<Armed>,
     /// The state after the open event.
     state: u64,
     /// Held by every write-type request when requests are widened (read-modify-write).
     writes: Mutex<()>,
+}
+
+/// The rules that can act: armed ones, and those a write arms.
+#[derive(Debug, Default)]
+struct Armed {
+    /// Armed injections, each with the number of its rule, the first that matches acting.
+    now: Vec<(usize, Injection)>,
+    /// The injections of [`Event::Write`] rules (for the state after the open), in the order
+    /// a write arms them.
+    on_write: Vec<(usize, Injection)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,17 +176,24 @@ impl<S: Storage> BlkdebugStorage<S> {
         // goes to the head of the active list.
         let mut state = 1;
         let mut new_state = state;
-        let mut active = Vec::new();
-        for rule in rules.iter().rev() {
+        let mut active = Armed::default();
+        for (id, rule) in rules.iter().enumerate().rev() {
             if rule.event != Event::Open || (rule.state != 0 && rule.state != state) {
                 continue;
             }
             match &rule.action {
-                Action::Inject(injection) => active.insert(0, *injection),
+                Action::Inject(injection) => active.now.insert(0, (id, *injection)),
                 Action::SetState { new_state: s } => new_state = *s,
             }
         }
         state = new_state;
+        for (id, rule) in rules.iter().enumerate().rev() {
+            if let (Event::Write, Action::Inject(injection)) = (&rule.event, &rule.action) {
+                if rule.state == 0 || rule.state == state {
+                    active.on_write.insert(0, (id, *injection));
+                }
+            }
+        }
         Ok(Self {
             inner,
             align,
@@ -196,8 +216,13 @@ impl<S: Storage> BlkdebugStorage<S> {
     /// QEMU's `rule_check`: the first armed rule of this kind that covers the request fails
     /// it (and goes, if it acts once).
     fn check(&self, offset: u64, len: u64, kind: IoType) -> io::Result<()> {
-        let mut active = lock(&self.active);
-        let found = active.iter().position(|rule| {
+        let mut armed = lock(&self.active);
+        if kind == IoType::Write && !armed.on_write.is_empty() {
+            // QEMU: an event with injections arms exactly those.
+            let Armed { now, on_write } = &mut *armed;
+            now.clone_from(on_write);
+        }
+        let found = armed.now.iter().position(|(_, rule)| {
             let covers = match rule.offset {
                 None => true,
                 Some(at) => len > 0 && at >= offset && at - offset < len,
@@ -205,12 +230,14 @@ impl<S: Storage> BlkdebugStorage<S> {
             covers && rule.iotypes.contains(kind)
         });
         let Some(i) = found else { return Ok(()) };
-        let rule = active[i];
+        let (id, rule) = armed.now[i];
         if rule.errno == 0 {
             return Ok(());
         }
         if rule.once {
-            active.remove(i);
+            // Gone for good, as QEMU removes the rule: no event arms it again.
+            armed.now.remove(i);
+            armed.on_write.retain(|&(other, _)| other != id);
         }
         Err(io::Error::from_raw_os_error(rule.errno))
     }
@@ -383,6 +410,40 @@ mod tests {
                 once,
             }),
         }
+    }
+
+    #[test]
+    fn write_rules_are_armed_by_writes_and_once_rules_act_once() {
+        let on_write = |once, errno| Rule {
+            event: Event::Write,
+            state: 0,
+            action: Action::Inject(Injection {
+                iotypes: IoTypes::DEFAULT,
+                errno,
+                offset: None,
+                once,
+            }),
+        };
+        let file = || MemoryStorage::from_bytes(vec![0; 8192]);
+        let s = BlkdebugStorage::new(file(), 0, vec![on_write(true, libc::ENOSPC)]).unwrap();
+        // Not armed before a write: reads and flushes go through.
+        let mut buf = [0u8; 512];
+        s.read_at(&mut buf, 0).unwrap();
+        s.flush().unwrap();
+        let err = s.write_at(&[1; 512], 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        // Gone once it acted, for writes and everything else.
+        s.write_at(&[2; 512], 512).unwrap();
+        s.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [2; 512]);
+        assert_eq!(&s.inner().to_bytes()[..512], &[0; 512]);
+        // Without `once` every write fails, and once armed the rule fails reads too.
+        let s = BlkdebugStorage::new(file(), 0, vec![on_write(false, libc::EIO)]).unwrap();
+        s.read_at(&mut buf, 0).unwrap();
+        for _ in 0..2 {
+            assert!(s.write_at(&[1; 512], 0).is_err());
+        }
+        assert!(s.read_at(&mut buf, 0).is_err());
     }
 
     #[test]
