@@ -675,3 +675,46 @@ fn a_stop_past_the_grace_period_drops_the_requests_left_unread() {
     );
     drop(c);
 }
+
+#[test]
+fn reads_after_larger_reads_carry_nothing_of_them() {
+    // Reply buffers are reused with their old bytes in place: every reply must still be
+    // exactly its own, whatever came before it (run inline and on the workers).
+    let served = serve(image(true), |_| {});
+    let mut c = Client::connect(&served.path, Mode::Simple, &[]);
+    let a: Vec<u8> = (0..1_000_000u32).map(|x| (x % 241) as u8 + 1).collect();
+    c.request(0, CMD_WRITE, 1, 0, a.len() as u64, &a);
+    assert_eq!(c.reply(0).error, 0);
+    let b = vec![0x77u8; 5000];
+    c.request(0, CMD_WRITE, 2, 2_000_000, b.len() as u64, &b);
+    assert_eq!(c.reply(0).error, 0);
+    c.disconnect();
+    let mut want = vec![0u8; 3 << 20];
+    want[..a.len()].copy_from_slice(&a);
+    want[2_000_000..2_005_000].copy_from_slice(&b);
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let mut c = Client::connect(&served.path, mode, &[]);
+        let reads = [
+            (0, 1_000_000),
+            (1_999_000, 8000),
+            (100, 50),
+            (0, 3 << 20),
+            (1_000_000, 65536),
+            (999_000, 200_000),
+            (2_004_999, 1),
+        ];
+        for (i, &(offset, len)) in reads.iter().enumerate() {
+            let got = c.read(i as u64 + 10, offset, len, 0);
+            assert!(got == want[offset as usize..][..len], "{mode:?}, read {i}");
+            if mode != Mode::Simple {
+                let got = c.read(i as u64 + 100, offset, len, CMD_FLAG_DF);
+                assert!(
+                    got == want[offset as usize..][..len],
+                    "{mode:?}, DF read {i}"
+                );
+            }
+        }
+        c.disconnect();
+    }
+    served.finish();
+}

@@ -32,7 +32,9 @@ pub trait Export: Send + Sync {
     fn size(&self) -> u64;
     /// Whether writes are allowed.
     fn is_writable(&self) -> bool;
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`. On success every byte of `buf` is written (zeros
+    /// where the disk reads as zeros): the server reads into reused buffers holding stale
+    /// bytes of earlier replies, and sends `buf` as it is.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`; with `fua`, durable before it returns.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;

@@ -5,6 +5,11 @@
 //! reply is sent (or their payload written) and the next request takes one. What is kept is
 //! bounded: at most [`Buffers::new`]'s byte limit in all, and no single buffer over
 //! [`MAX_KEPT`].
+//!
+//! A buffer comes back as it was sent, at its length: its bytes stay initialised (stale bytes
+//! of an earlier reply or payload), so the next user sets its length with [`fit`], which zeroes
+//! only what the buffer lacks, and overwrites every byte it sends. Zeroing a whole read reply
+//! before the file read overwrote it was 12% of the server's CPU under `nbdcopy`.
 
 use std::sync::Mutex;
 
@@ -39,7 +44,8 @@ impl Buffers {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An empty buffer, with capacity from an earlier request when one is idle.
+    /// A buffer from an earlier request when one is idle (its length and bytes are that
+    /// request's: stale, never to be sent as they are), else an empty one.
     pub fn take(&self) -> Vec<u8> {
         let mut idle = self.idle();
         match idle.buffers.pop() {
@@ -51,13 +57,12 @@ impl Buffers {
         }
     }
 
-    /// Gives a used buffer back; kept if it fits the bounds, else freed.
-    pub fn give(&self, mut buf: Vec<u8>) {
+    /// Gives a used buffer back, bytes and all; kept if it fits the bounds, else freed.
+    pub fn give(&self, buf: Vec<u8>) {
         let capacity = buf.capacity();
         if capacity == 0 || capacity > MAX_KEPT {
             return;
         }
-        buf.clear();
         let mut idle = self.idle();
         if idle.bytes + capacity <= self.limit {
             idle.bytes += capacity;
@@ -69,6 +74,22 @@ impl Buffers {
     #[cfg(test)]
     pub fn idle_bytes(&self) -> usize {
         self.idle().bytes
+    }
+}
+
+/// Makes `buf` exactly `len` bytes long, every byte initialised: a longer buffer is cut, a
+/// shorter one grows by zeros (only the growth is written). What was in it stays: the caller
+/// overwrites all of it before sending it. A buffer without the capacity starts over (its
+/// stale bytes are not copied) at exactly `len`.
+pub fn fit(buf: &mut Vec<u8>, len: usize) {
+    if len > buf.capacity() {
+        // A new allocation: growing this one would copy the stale bytes.
+        *buf = Vec::with_capacity(len);
+    }
+    if len <= buf.len() {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
     }
 }
 
@@ -85,7 +106,7 @@ mod tests {
         pool.give(a);
         assert_eq!(pool.idle_bytes(), cap);
         let b = pool.take();
-        assert!(b.is_empty(), "a reused buffer comes back empty");
+        assert_eq!(b.len(), 300_000, "a reused buffer comes back at its length");
         assert_eq!(b.capacity(), cap, "and keeps its capacity");
         assert_eq!(pool.idle_bytes(), 0);
         // Past the byte limit, and past the largest kept size: freed.
@@ -96,5 +117,22 @@ mod tests {
         pool.give(vec![0u8; MAX_KEPT + 1]);
         assert!(pool.idle_bytes() <= 1 << 20);
         assert_eq!(pool.idle().buffers.len(), 3);
+    }
+
+    #[test]
+    fn fit_zeroes_only_the_growth() {
+        let mut buf = vec![7u8; 100];
+        fit(&mut buf, 40);
+        assert_eq!(buf, [7u8; 40], "cut, not zeroed");
+        let cap = buf.capacity();
+        fit(&mut buf, 90);
+        assert_eq!(buf.capacity(), cap, "grown in place");
+        assert_eq!(&buf[..40], &[7u8; 40]);
+        assert_eq!(&buf[40..], &[0u8; 50]);
+        fit(&mut buf, 1000);
+        assert_eq!(buf, vec![0u8; 1000], "beyond the capacity: a fresh start");
+        assert_eq!(buf.capacity(), 1000, "at exactly the length asked");
+        fit(&mut buf, 0);
+        assert!(buf.is_empty());
     }
 }

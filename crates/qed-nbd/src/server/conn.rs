@@ -16,7 +16,7 @@ use crate::proto::{
 };
 
 use super::budget::Budget;
-use super::buffers::Buffers;
+use super::buffers::{fit, Buffers};
 use super::exec::{execute, reply_cost, Session};
 use super::pool::Pool;
 use super::stream::Stream;
@@ -305,10 +305,14 @@ fn requests(
             outbox.budget.give(cost);
             return Err(replies_lost());
         }
-        let mut payload = outbox.buffers.take();
+        // A buffer only for a payload: taking one for a read would cut it to nothing, and
+        // the read reply that reuses it next would have all of it zeroed again.
+        let mut payload = Vec::new();
         if request.payload > 0 {
-            // Checked against the maximum payload: at most 32 MiB.
-            payload.resize(request.payload as usize, 0);
+            payload = outbox.buffers.take();
+            // Checked against the maximum payload: at most 32 MiB. The socket overwrites
+            // every stale byte (or the connection ends).
+            fit(&mut payload, request.payload as usize);
             if let Err(e) = input.read_exact(&mut payload) {
                 outbox.budget.give(cost);
                 return Err(e.into());
