@@ -390,6 +390,35 @@ fn nbdcopy_over_several_connections() {
 }
 
 #[test]
+fn several_connections_are_offered_only_to_several_clients() {
+    if !have_qemu() || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), "d.qed", "8M");
+    qemu_io_ok(dir.path(), "qed", "d.qed", &["write -P 0x5a 0 1M"]);
+    for (args, multi) in [(&["-t"][..], false), (&["-t", "-e", "2"][..], true)] {
+        let served = Served::unix(dir.path(), args, "d.qed");
+        let info = run_ok(dir.path(), "nbdinfo", &["--json", &served.uri]);
+        let json: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(
+            json["exports"][0]["can_multi_conn"], multi,
+            "{args:?}: {info}"
+        );
+        // nbdcopy opens as many connections as it is offered: with one client at a time it
+        // used to wait for ever for its second.
+        run_ok(dir.path(), "timeout", &["60", "nbdcopy", &served.uri, "out.raw"]);
+        assert_eq!(served.terminate(), 0);
+        run_ok(
+            dir.path(),
+            "qemu-img",
+            &["compare", "-f", "qed", "-F", "raw", "d.qed", "out.raw"],
+        );
+        std::fs::remove_file(dir.path().join("out.raw")).unwrap();
+    }
+}
+
+#[test]
 fn raw_files_are_served_too() {
     if !have_qemu() {
         return;

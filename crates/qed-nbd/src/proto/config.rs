@@ -53,6 +53,11 @@ pub struct ExportConfig {
     pub tls: TlsMode,
     /// Advertised block sizes.
     pub block_size: BlockSize,
+    /// Whether `NBD_FLAG_CAN_MULTI_CONN` is advertised: a client may open several
+    /// connections and a flush on one covers the writes of all (one engine is behind them).
+    /// Only worth saying when the server takes more than one client at a time; a client that
+    /// believes it opens its extra connections and waits for them.
+    pub multi_conn: bool,
 }
 
 impl ExportConfig {
@@ -66,6 +71,7 @@ impl ExportConfig {
             allocation_depth: false,
             tls: TlsMode::Off,
             block_size: BlockSize::default(),
+            multi_conn: true,
         }
     }
 
@@ -81,8 +87,10 @@ impl ExportConfig {
     /// Transmission flags for a client in `mode`.
     pub fn transmission_flags(&self, mode: Mode) -> u16 {
         let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_CACHE;
-        // One engine behind every connection: a flush covers every completed write.
-        flags |= TFLAG_CAN_MULTI_CONN;
+        if self.multi_conn {
+            // One engine behind every connection: a flush covers every completed write.
+            flags |= TFLAG_CAN_MULTI_CONN;
+        }
         if self.writable {
             flags |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
         } else {
