@@ -158,6 +158,13 @@ fn chain(
     let name = args.file.display().to_string();
     let mut layers = vec![top];
     loop {
+        // A chain that loops (through json: names, which name no path to compare) ends here.
+        if layers.len() > qed_image::MAX_CHAIN_DEPTH {
+            return Err(CliError::plain(format!(
+                "Did not find '{}' in the backing chain of '{name}'",
+                args.base.as_deref().unwrap_or_default()
+            )));
+        }
         let current = layers.last().expect("the top at least");
         let info = current.info();
         let (Some(stored), Some(path)) = (info.backing_name, info.backing_path) else {
@@ -240,12 +247,6 @@ fn chain(
             ..OpenOptions::read_only()
         };
         let layer = Image::open(&path, &options).map_err(|e| cannot_open(open_failure(&e)))?;
-        if layers.len() > qed_image::MAX_CHAIN_DEPTH {
-            return Err(CliError::plain(format!(
-                "Did not find '{}' in the backing chain of '{name}'",
-                args.base.as_deref().unwrap_or_default()
-            )));
-        }
         layers.push(layer);
     }
 }

@@ -81,7 +81,8 @@ pub struct ConvertArgs {
     /// Try copy offloading (accepted; changes nothing).
     #[arg(short = 'C', long = "copy-range-offloading")]
     pub copy_range: bool,
-    /// Chunks in flight, each read by a thread of its own (1 to 16; default 8).
+    /// Copy threads, each reading a chunk of its own (1 to 16; default 8; no more than the
+    /// CPUs, two at least).
     #[arg(
         short = 'm',
         long = "parallel",

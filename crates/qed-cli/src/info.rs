@@ -227,17 +227,31 @@ fn collect(args: &InfoArgs, spec: &ImageSpec) -> Result<Vec<ImageInfo>, Failure>
         Disk::Foreign(_) => unreachable!("info opened a qcow2 or VMDK disk"),
     }];
     if args.backing_chain {
+        let mut above = opened.disk.image().map(Image::info);
         let mut next = opened.disk.image().and_then(Image::backing);
         while let Some(layer) = next {
-            let layer_path = layer.path().map(Path::to_path_buf).unwrap_or_default();
-            let layer_name = layer_path.display().to_string();
+            // A layer opened through a json: name has no file of its own: it is that name.
+            let layer_path = layer.path().map(Path::to_path_buf);
+            let layer_name = match &layer_path {
+                Some(path) => path.display().to_string(),
+                None => above
+                    .as_ref()
+                    .and_then(|info| info.backing_file.clone())
+                    .unwrap_or_default(),
+            };
             match &*layer {
                 BackingLayer::Raw { storage, .. } => {
-                    layers.push(raw_info(layer_name, Some(&layer_path), "raw", &**storage)?);
+                    layers.push(raw_info(
+                        layer_name,
+                        layer_path.as_deref(),
+                        "raw",
+                        &**storage,
+                    )?);
                     next = None;
                 }
                 BackingLayer::Qed(backing) => {
-                    layers.push(qed_info(backing, layer_name, Some(&layer_path))?);
+                    layers.push(qed_info(backing, layer_name, layer_path.as_deref())?);
+                    above = Some(backing.info());
                     next = backing.backing();
                 }
             }

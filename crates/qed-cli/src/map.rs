@@ -101,13 +101,34 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
     let name = opened.name;
     let disk = opened.disk;
     // The file each depth's data lives in, named as QEMU names it.
+    // A layer without a file of its own (opened through a json: name) is that name, as the
+    // image above records it.
+    let mut names_above = Vec::new();
+    if let Some(top) = disk.image() {
+        names_above.push(top.info().backing_file);
+        let mut next = top.backing();
+        while let Some(layer) = next {
+            next = match &*layer {
+                qed_image::BackingLayer::Qed(below) => {
+                    names_above.push(below.info().backing_file);
+                    below.backing()
+                }
+                qed_image::BackingLayer::Raw { .. } => None,
+            };
+        }
+    }
     let files: Vec<String> = disk
         .layer_paths()
         .iter()
         .enumerate()
         .map(|(depth, path)| match (depth, path) {
-            (0, _) | (_, None) => name.clone(),
+            (0, _) => name.clone(),
             (_, Some(path)) => path.display().to_string(),
+            (_, None) => names_above
+                .get(depth - 1)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| name.clone()),
         })
         .collect();
     let stdout = std::io::stdout();

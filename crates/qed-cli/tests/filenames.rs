@@ -65,6 +65,16 @@ impl Pair {
         }
     }
 
+    /// Runs our `tool` only, with the arguments `args(dir)` in our directory (for what QEMU's
+    /// tools would never finish: they follow some backing loops for ever).
+    fn run_ours(&self, tool: &str, args: impl Fn(&str) -> Vec<String>) -> Run {
+        let d = self.ours.display().to_string();
+        let args = args(&d);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let program = self.bin.join(tool).display().to_string();
+        Run::of(&run_in(&self.ours, &program, &args), &d)
+    }
+
     /// Runs `tool` with the arguments `args(dir)` in each directory; the outputs with the
     /// directory written `DIR`: (QEMU's, ours).
     fn run(&self, tool: &str, args: impl Fn(&str) -> Vec<String>) -> (Run, Run) {
@@ -556,6 +566,72 @@ fn backing_files_named_in_json_syntax_open_and_take_commits() {
         let (qemu, ours) = pair.run(tool, args);
         assert_eq!(qemu, ours, "{tool} {:?}", args("DIR"));
     }
+    // A json: name over a plain file is that file, in info and map.
+    let (_, ours) = pair.run("qemu-img", |d| {
+        let mut args = words(&["create", "-q", "-f", "qed", "-F", "qed", "-b"]);
+        args.push(format!(
+            "json:{{'driver': 'qed', 'file': {{'driver': 'file', 'filename': '{d}/base.qed'}}}}"
+        ));
+        args.push("named.qed".into());
+        args
+    });
+    assert_eq!(ours.code, 0, "{ours:?}");
+    for args in [
+        words(&["info", "--backing-chain", "named.qed"]),
+        words(&["map", "named.qed"]),
+    ] {
+        let (qemu, ours) = pair.run("qemu-img", |_| args.clone());
+        assert_eq!(qemu.info_lines(), ours.info_lines(), "{args:?}");
+        assert!(ours.stdout.contains("DIR/base.qed"), "{ours:?}");
+    }
+    // Loops through json: names are found, not followed for ever (qemu-img map follows the
+    // first for ever, and qemu-img commit the second: ours only).
+    let own = |d: &str, file: &str| {
+        format!("json:{{'driver': 'qed', 'file': {{'driver': 'file', 'filename': '{d}/{file}'}}}}")
+    };
+    for image in ["a.qed", "x.qed", "y.qed", "t.qed"] {
+        let ours = pair.run_ours("qemu-img", |_| {
+            words(&["create", "-q", "-f", "qed", image, "1M"])
+        });
+        assert_eq!(ours.code, 0, "{ours:?}");
+    }
+    let loops = [
+        ("a.qed", "a.qed"),
+        ("x.qed", "y.qed"),
+        ("y.qed", "x.qed"),
+        ("t.qed", "x.qed"),
+    ];
+    for (image, backing) in loops {
+        let ours = pair.run_ours("qemu-img", |d| {
+            let mut args = words(&["rebase", "-u", "-F", "qed", "-b"]);
+            args.push(own(d, backing));
+            args.push(image.into());
+            args
+        });
+        assert_eq!(ours.code, 0, "{ours:?}");
+    }
+    for image in ["a.qed", "x.qed"] {
+        for args in [
+            words(&["map", image]),
+            words(&["info", "--backing-chain", image]),
+            words(&["convert", "-O", "raw", image, "out.raw"]),
+        ] {
+            let ours = pair.run_ours("qemu-img", |_| args.clone());
+            assert_eq!(ours.code, 1, "{args:?}: {ours:?}");
+            assert!(
+                ours.stderr.contains("creates an infinite loop"),
+                "{args:?}: {ours:?}"
+            );
+        }
+    }
+    // commit walks the layers one by one, each opened alone: a loop below the top ends at
+    // the depth limit, one back to the top at its lock.
+    let ours = pair.run_ours("qemu-img", |_| words(&["commit", "-b", "nothere", "t.qed"]));
+    assert_eq!(ours.code, 1, "{ours:?}");
+    assert!(ours.stderr.contains("Did not find 'nothere'"), "{ours:?}");
+    let ours = pair.run_ours("qemu-img", |_| words(&["commit", "-b", "nothere", "x.qed"]));
+    assert_eq!(ours.code, 1, "{ours:?}");
+    assert!(ours.stderr.contains("lock"), "{ours:?}");
     // Both bases are clean (qed adds `Image end offset`).
     let (qemu, ours) = pair.run("qemu-img", |_| words(&["check", "base.qed"]));
     assert_eq!((qemu.code, ours.code), (0, 0), "{qemu:?} {ours:?}");

@@ -407,7 +407,11 @@ fn several_connections_are_offered_only_to_several_clients() {
         );
         // nbdcopy opens as many connections as it is offered: with one client at a time it
         // used to wait for ever for its second.
-        run_ok(dir.path(), "timeout", &["60", "nbdcopy", &served.uri, "out.raw"]);
+        run_ok(
+            dir.path(),
+            "timeout",
+            &["60", "nbdcopy", &served.uri, "out.raw"],
+        );
         assert_eq!(served.terminate(), 0);
         run_ok(
             dir.path(),

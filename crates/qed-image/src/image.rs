@@ -167,7 +167,7 @@ impl Image {
                 BackingPolicy::Follow => {
                     let format = header.backing_is_raw().then_some(BackingFormat::Raw);
                     if let Some(names) = &options.backing_names {
-                        if let Some(opened) = (names.0)(name, format, &backing_options) {
+                        if let Some(opened) = (names.0)(name, format, &backing_options, chain) {
                             return opened.map(Some).map_err(|cause| match cause {
                                 e @ (Error::Chain(_) | Error::BackingLoop { .. }) => e,
                                 e => Error::Backing {

@@ -11,8 +11,10 @@ use crate::storage::CacheMode;
 use crate::Result;
 
 /// The signature of [`BackingNames`]: the name as stored, the format the header fixes, the
-/// options the backing file is opened with; `None` when the name is a path after all.
-pub type OpenBackingByName = dyn Fn(&[u8], Option<BackingFormat>, &OpenOptions) -> Option<Result<BackingLayer>>
+/// options the backing file is opened with, and the files of the images above it (canonical
+/// paths, top first: a backing file among them is a loop); `None` when the name is a path
+/// after all.
+pub type OpenBackingByName = dyn Fn(&[u8], Option<BackingFormat>, &OpenOptions, &[PathBuf]) -> Option<Result<BackingLayer>>
     + Send
     + Sync;
 

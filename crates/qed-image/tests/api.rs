@@ -983,7 +983,8 @@ fn reopen_repairs_a_file_image_poisoned_by_a_failed_write_back() {
     let len = std::fs::metadata(&path).unwrap().len();
     let limit = len + 512;
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new("sh")
+    let mut child = std::process::Command::new("sh");
+    child
         .arg("-c")
         .arg("trap '' XFSZ; exec \"$@\"")
         .arg("sh")
@@ -992,8 +993,10 @@ fn reopen_repairs_a_file_image_poisoned_by_a_failed_write_back() {
         .arg(&exe)
         .args(["poison_child", "--exact", "--ignored", "--nocapture"])
         .args(["--test-threads", "1"])
-        .env(POISON_CHILD_ENV, &path)
-        .output()
+        .env(POISON_CHILD_ENV, &path);
+    // Started as every child of the tests is (see kit::spawn).
+    let out = spawn(&mut child)
+        .and_then(std::process::Child::wait_with_output)
         .expect("run the child");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -312,9 +312,6 @@ pub fn run(args: &ServeArgs) -> CliResult<i32> {
     } else {
         args.shared.min(MAX_SHARED)
     };
-    // As qemu-nbd: several connections are offered only when several clients may connect
-    // (nbdcopy opens four if offered, and would wait for the three a server of one refuses).
-    config.export.multi_conn = config.max_connections > 1;
     config.persistent = args.persistent;
     config.tls = tls;
     config.writethrough = matches!(cache_name, "writethrough" | "directsync");

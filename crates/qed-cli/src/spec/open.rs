@@ -64,25 +64,88 @@ impl Access {
 /// Files named inside are taken as they are written (QEMU does not resolve them against the
 /// image's directory either).
 pub fn backing_names() -> BackingNames {
-    BackingNames(Arc::new(|name, given, options| {
+    BackingNames(Arc::new(|name, given, options, above| {
         name.starts_with(b"json:")
-            .then(|| open_named_backing(OsStr::from_bytes(name), given, options))
+            .then(|| open_named_backing(OsStr::from_bytes(name), given, options, above))
     }))
+}
+
+thread_local! {
+    /// The image files of the `json:`-named backing files being opened in this thread, outer
+    /// first. Opening through nodes starts no chain of the engine's, so loops through such
+    /// names are found here: each is checked against these and the engine's chain above it.
+    static OPENING: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes its file off [`OPENING`] when the open is over.
+struct Opening;
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        OPENING.with(|opening| opening.borrow_mut().pop());
+    }
+}
+
+/// The file whose bytes a node reads, through formats and filters (none for a quorum).
+fn image_file(node: &Node) -> Option<PathBuf> {
+    match node {
+        Node::Format(format) => image_file(&format.file),
+        Node::Blkdebug(debug) => image_file(&debug.image),
+        Node::File(file) => Some(file.filename.clone()),
+        Node::Quorum(_) => None,
+    }
 }
 
 fn open_named_backing(
     name: &OsStr,
     given: Option<qed_image::BackingFormat>,
     options: &OpenOptions,
+    above: &[PathBuf],
 ) -> qed_image::Result<BackingLayer> {
     let spec = ImageSpec::from_arg(name, false, given.map(ImageFormat::from))
         .map_err(Error::InvalidArgument)?;
+    let file = image_file(&spec.node).map(|f| std::fs::canonicalize(&f).unwrap_or(f));
+    let depth = OPENING.with(|opening| opening.borrow().len()) + above.len();
+    if depth > qed_image::MAX_CHAIN_DEPTH {
+        return Err(Error::Chain(format!(
+            "backing chain deeper than {}",
+            qed_image::MAX_CHAIN_DEPTH
+        )));
+    }
+    if let Some(file) = &file {
+        let looped = above.contains(file) || OPENING.with(|o| o.borrow().contains(file));
+        if looped {
+            return Err(Error::BackingLoop {
+                path: PathBuf::from(name),
+            });
+        }
+    }
+    OPENING.with(|opening| {
+        opening
+            .borrow_mut()
+            .push(file.unwrap_or_else(|| PathBuf::from(name)))
+    });
+    let _opening = Opening;
     let access = Access {
         writable: false,
         unlocked: options.force_share,
         cache: options.cache,
         backing: true,
     };
+    if let Some((path, format)) = spec.plain() {
+        // A format over a plain file is that file, as QEMU names it: opened by the engine,
+        // it keeps its path (for info, map and the backing files it names in turn).
+        let format = given.or(format.map(Into::into));
+        let options = OpenOptions {
+            backing: if spec.no_backing() {
+                BackingPolicy::Ignore
+            } else {
+                options.backing
+            },
+            ..options.clone()
+        };
+        return BackingLayer::open(path, format, &options);
+    }
     let label = spec.node.display_name();
     let (disk, _) = open_node(&spec.node, &access, &mut |_| {}).map_err(engine_error)?;
     backing_layer(disk, &label).map_err(engine_error)
@@ -359,12 +422,21 @@ fn open_backing(
             backing_layer(disk, &backing.display_name()).map(Some)
         }
         BackingSpec::Default if name.starts_with(b"json:") => {
-            open_named_backing(OsStr::from_bytes(name), given, &access.options(false))
-                .map(Some)
-                .map_err(|error| OpenError::Engine {
-                    file: String::from_utf8_lossy(name).into_owned(),
-                    error,
-                })
+            let above: Vec<PathBuf> = image_file(&Node::Format(node.clone()))
+                .map(|f| std::fs::canonicalize(&f).unwrap_or(f))
+                .into_iter()
+                .collect();
+            open_named_backing(
+                OsStr::from_bytes(name),
+                given,
+                &access.options(false),
+                &above,
+            )
+            .map(Some)
+            .map_err(|error| OpenError::Engine {
+                file: String::from_utf8_lossy(name).into_owned(),
+                error,
+            })
         }
         BackingSpec::Default => {
             let Some(path) = super::full_backing_name(dir, name) else {

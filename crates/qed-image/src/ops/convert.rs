@@ -112,10 +112,10 @@ pub struct ConvertOptions {
     /// Where in the target the source's first byte goes (sources concatenated into one
     /// target); must be 0 with `diff_backing`.
     pub target_offset: u64,
-    /// Chunks in flight at once (`qemu-img convert -m`, 1 to [`MAX_PARALLEL`]): each is read
-    /// by a thread of its own while earlier ones are written, with no more threads than the
-    /// machine has CPUs (but two at least). 1 copies in the calling thread, and so does
-    /// salvage mode.
+    /// Copy threads (`qemu-img convert -m`, 1 to [`MAX_PARALLEL`]), each reading a chunk of
+    /// its own while earlier ones are written; no more are started than the machine has CPUs
+    /// (but two at least), so the chunks in flight are as many as the threads started. 1
+    /// copies in the calling thread, and so does salvage mode.
     pub parallel: usize,
     /// Chunks may be written in any order (`-W`) rather than in guest order; a new QED
     /// target then allocates its clusters in the order the reads finish.

@@ -42,7 +42,7 @@ static SPAWNING: Mutex<()> = Mutex::new(());
 /// closes an image and runs qemu-img on it could find the lock still held by another test's
 /// child that had not yet exec'd. `spawn` returns once the child has exec'd (and so closed its
 /// copies), so a child started after this lock is taken sees no lock of a closed image.
-fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
     let _one_at_a_time = SPAWNING.lock().unwrap_or_else(PoisonError::into_inner);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -55,8 +55,9 @@ pub struct ExportConfig {
     pub block_size: BlockSize,
     /// Whether `NBD_FLAG_CAN_MULTI_CONN` is advertised: a client may open several
     /// connections and a flush on one covers the writes of all (one engine is behind them).
-    /// Only worth saying when the server takes more than one client at a time; a client that
-    /// believes it opens its extra connections and waits for them.
+    /// The server offers it only when it takes more than one client at a time
+    /// ([`crate::server::ServerConfig::max_connections`]); a client that believed it would
+    /// open its extra connections and wait for them.
     pub multi_conn: bool,
 }
 

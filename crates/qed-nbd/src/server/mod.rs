@@ -188,7 +188,10 @@ impl Server {
 
     /// Serves on a socket that is already listening (see [`Listener::from_tcp`] and
     /// [`Listener::from_unix`]).
-    pub fn serve_on(listener: Listener, config: ServerConfig) -> io::Result<Self> {
+    pub fn serve_on(listener: Listener, mut config: ServerConfig) -> io::Result<Self> {
+        // Several connections are offered only when several clients may connect: a client
+        // that believes the offer opens more and waits for those a server of one refuses.
+        config.export.multi_conn &= config.max_connections > 1;
         Ok(Self {
             listener,
             config,

@@ -83,13 +83,17 @@ impl Shared<'_> {
     }
 }
 
-/// Halts everything when a worker unwinds, so that no other waits forever for its turn.
-struct HaltOnPanic<'s, 'a>(&'s Shared<'a>);
+/// Halts everything when a worker unwinds, so that no other waits forever for its turn, and
+/// empties the queue, so that the walk is not left waiting for room if every worker is gone
+/// (it sends one task more at most, then sees the stop).
+struct HaltOnPanic<'s, 'a>(&'s Shared<'a>, &'s Mutex<Receiver<(u64, Task)>>);
 
 impl Drop for HaltOnPanic<'_, '_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.0.halt();
+            let queue = lock(self.1);
+            while queue.try_recv().is_ok() {}
         }
     }
 }
@@ -178,7 +182,7 @@ fn work(
     mut worker: Worker<'_>,
     mut writer: Option<Writer<'_>>,
 ) -> (u64, ConvertStats) {
-    let _halt = HaltOnPanic(shared);
+    let _halt = HaltOnPanic(shared, queue);
     loop {
         let Ok((seq, task)) = lock(queue).recv() else {
             break;
