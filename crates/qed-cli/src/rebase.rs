@@ -10,7 +10,7 @@
 //! refuses (`backing format must be specified`), and so do we when the file cannot be opened
 //! to probe it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qed_image::ops::{self, RebaseError, RebaseOptions};
 use qed_image::{
@@ -170,7 +170,16 @@ fn target(
         });
     }
     let path = resolve_backing_path(image.path().unwrap_or(&args.file), backing);
-    let format = match probe_format(&path) {
+    let probed = if backing.starts_with("json:") {
+        // A name in QEMU's json: syntax: its node says the format.
+        open_named(args, image, backing, None).map(|layer| match layer {
+            BackingLayer::Raw { .. } => BackingFormat::Raw,
+            BackingLayer::Qed(_) => BackingFormat::Qed,
+        })
+    } else {
+        probe_format(&path)
+    };
+    let format = match probed {
         Ok(format) => format,
         Err(e) if safe => {
             return Err(CliError::new(
@@ -195,17 +204,44 @@ fn target(
     })
 }
 
-/// Opens the new backing file (read-only, with its own chain) for a safe rebase.
-fn open_new_backing(args: &RebaseArgs, image: &Image, target: &Target) -> CliResult<BackingLayer> {
-    let path = resolve_backing_path(image.path().unwrap_or(&args.file), &target.name);
-    let options = OpenOptions {
+/// The options a new backing file is opened with (read-only, with its own chain).
+fn new_backing_options(args: &RebaseArgs) -> OpenOptions {
+    OpenOptions {
         cache: args.source_cache.map_or_else(Default::default, Into::into),
         force_share: args.force_share,
         backing: BackingPolicy::Follow,
         backing_names: Some(crate::spec::backing_names()),
         ..OpenOptions::read_only()
+    }
+}
+
+/// Opens a new backing file named in QEMU's json: syntax, as the image would name it.
+fn open_named(
+    args: &RebaseArgs,
+    image: &Image,
+    name: &str,
+    format: Option<BackingFormat>,
+) -> qed_image::Result<BackingLayer> {
+    let above: Vec<PathBuf> = image
+        .path()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+        .into_iter()
+        .collect();
+    let names = crate::spec::backing_names();
+    let options = new_backing_options(args);
+    (names.0)(name.as_bytes(), format, &options, &above)
+        .unwrap_or_else(|| BackingLayer::open(Path::new(name), format, &options))
+}
+
+/// Opens the new backing file (read-only, with its own chain) for a safe rebase.
+fn open_new_backing(args: &RebaseArgs, image: &Image, target: &Target) -> CliResult<BackingLayer> {
+    let path = resolve_backing_path(image.path().unwrap_or(&args.file), &target.name);
+    let opened = if target.name.starts_with("json:") {
+        open_named(args, image, &target.name, Some(target.format))
+    } else {
+        BackingLayer::open(&path, Some(target.format), &new_backing_options(args))
     };
-    BackingLayer::open(&path, Some(target.format), &options).map_err(|e| {
+    opened.map_err(|e| {
         let why = match e {
             Error::Backing { path: p, cause, .. } if p == path => open_failure(&cause),
             other => open_failure(&other),

@@ -584,6 +584,46 @@ fn backing_files_named_in_json_syntax_open_and_take_commits() {
         assert_eq!(qemu.info_lines(), ours.info_lines(), "{args:?}");
         assert!(ours.stdout.contains("DIR/base.qed"), "{ours:?}");
     }
+    // A safe rebase onto a json: name keeps what the image reads.
+    let rebase_cases: Vec<(&str, Args)> = vec![
+        (
+            "qemu-img",
+            Box::new(|_| words(&["create", "-q", "-f", "qed", "base2.qed", "4M"])),
+        ),
+        (
+            "qemu-img",
+            Box::new(|d| {
+                let mut args = words(&["rebase", "-F", "qed", "-b"]);
+                args.push(format!(
+                    "json:{{'driver': 'qed', 'file': {{'driver': 'file', 'filename': \
+                     '{d}/base2.qed'}}}}"
+                ));
+                args.push("named.qed".into());
+                args
+            }),
+        ),
+        (
+            "qemu-io",
+            Box::new(|_| {
+                words(&[
+                    "-c",
+                    "read -P 0x11 0 64k",
+                    "-c",
+                    "read -P 0x22 1M 8k",
+                    "named.qed",
+                ])
+            }),
+        ),
+        (
+            "qemu-img",
+            Box::new(|_| words(&["compare", "named.qed", "base.qed"])),
+        ),
+    ];
+    for (tool, args) in &rebase_cases {
+        let (qemu, ours) = pair.run(tool, args);
+        assert_eq!(qemu, ours, "{tool} {:?}", args("DIR"));
+        assert_eq!(ours.code, 0, "{ours:?}");
+    }
     // Loops through json: names are found, not followed for ever (qemu-img map follows the
     // first for ever, and qemu-img commit the second: ours only).
     let own = |d: &str, file: &str| {
