@@ -182,31 +182,38 @@ fn safe_rebase_crash(cs: u32, ts: u32, target: Option<&[u8]>) -> u64 {
         );
     }
     drop(done);
-    let what = format!(
-        "safe rebase {cs}/{ts} onto {:?}",
-        target.map(String::from_utf8_lossy)
-    );
+    let what = format!("safe rebase {cs}/{ts}");
+    explore_rebase(&what, &files, &crash, target, true, &expected)
+}
+
+/// Cuts the rebase `crash` recorded at every instant: each state must name the old backing
+/// file or `target`, and read `expected` (through the backing chain when `follow`, else the
+/// image's own data).
+fn explore_rebase(
+    what: &str,
+    files: &Files,
+    crash: &Arc<CrashStorage>,
+    target: Option<&[u8]>,
+    follow: bool,
+    expected: &[u8],
+) -> u64 {
+    let what = format!("{what} onto {:?}", target.map(String::from_utf8_lossy));
     explore_joint(
         &what,
-        &timeline_of(&crash),
-        std::slice::from_ref(&crash),
+        &Timeline::single(crash.op_count()),
+        std::slice::from_ref(crash),
         &options(),
         |disks| {
-            let (image, name) = open_state(&files, disks[0].clone(), true)?;
+            let (image, name) = open_state(files, disks[0].clone(), follow)?;
             if name.as_deref() != Some(OLD_NAME) && name.as_deref() != target {
                 return Err(format!("the header names {name:?}"));
             }
-            if let Some(diff) = first_difference(&read_all(&image), &expected) {
+            if let Some(diff) = first_difference(&read_all(&image), expected) {
                 return Err(format!("naming {name:?}: {diff}"));
             }
             image.close().map_err(|e| format!("close: {e}"))
         },
     )
-}
-
-/// A timeline of one file: every operation is an instant of its own.
-fn timeline_of(crash: &Arc<CrashStorage>) -> Timeline {
-    Timeline::single(crash.op_count())
 }
 
 #[test]
@@ -242,26 +249,8 @@ fn unsafe_rebase_changes_only_the_header() {
             assert_eq!(stats, ops::RebaseStats::default());
             image.close().unwrap();
             assert_eq!(named(&crash.contents()).unwrap().as_deref(), target);
-            let what = format!(
-                "unsafe rebase {cs}/{ts} onto {:?}",
-                target.map(String::from_utf8_lossy)
-            );
-            explore_joint(
-                &what,
-                &timeline_of(&crash),
-                std::slice::from_ref(&crash),
-                &options(),
-                |disks| {
-                    let (image, name) = open_state(&files, disks[0].clone(), false)?;
-                    if name.as_deref() != Some(OLD_NAME) && name.as_deref() != target {
-                        return Err(format!("the header names {name:?}"));
-                    }
-                    if let Some(diff) = first_difference(&read_all(&image), &own) {
-                        return Err(format!("the image's own data: {diff}"));
-                    }
-                    image.close().map_err(|e| format!("close: {e}"))
-                },
-            );
+            let what = format!("unsafe rebase {cs}/{ts}");
+            explore_rebase(&what, &files, &crash, target, false, &own);
         }
     }
 }
