@@ -122,6 +122,17 @@ pub struct ConvertOptions {
     pub out_of_order: bool,
 }
 
+impl ConvertOptions {
+    /// The unit a copy is planned in: the sparse block, or 4 KiB without sparse detection.
+    fn block(&self) -> u64 {
+        if self.sparse_size > 0 {
+            self.sparse_size
+        } else {
+            8 * SECTOR
+        }
+    }
+}
+
 /// Most chunks in flight, as qemu-img allows.
 pub const MAX_PARALLEL: usize = 16;
 
@@ -349,11 +360,6 @@ fn run(
     progress: &mut dyn FnMut(u64, u64),
     warn: Option<&mut dyn FnMut(&ConvertError)>,
 ) -> Result<ConvertStats, ConvertError> {
-    let block = if options.sparse_size > 0 {
-        options.sparse_size
-    } else {
-        8 * SECTOR
-    };
     let workers = if warn.is_some() {
         1
     } else {
@@ -364,7 +370,7 @@ fn run(
         target,
         options,
         workers,
-        chunk_size(workers, block),
+        chunk_size(workers, options.block()),
         progress,
         warn,
     )
@@ -425,7 +431,7 @@ fn run_with(
         let paths = source.layer_paths();
         same_file(paths.get(1).and_then(Option::as_deref), base.path(0))
     });
-    let block = if sparse > 0 { sparse } else { 8 * SECTOR };
+    let block = options.block();
     let worker = Worker {
         source,
         base,
